@@ -1,0 +1,126 @@
+"""One adapter over the Llama-family decoder blocks (Llama incl. SmolLM2, Mistral, Qwen2, Qwen3).
+
+It names the parameters that pruning slices, describes a model's shape, counts parameters analytically, and
+validates a proposed config against the config class the checkpoint will be loaded with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from compress.errors import CompactLMError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported decoder families."""
+
+    model_type: str
+    qkv_bias: bool
+    """Qwen2 has biases on q/k/v (always); Llama/Mistral only when config.attention_bias is set."""
+    qk_norm: bool
+    """Qwen3 normalizes q and k per head (a [head_dim] RMSNorm): untouched by pruning since head_dim is kept."""
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", qkv_bias=False, qk_norm=False),
+    "mistral": Family("mistral", qkv_bias=False, qk_norm=False),
+    "qwen2": Family("qwen2", qkv_bias=True, qk_norm=False),
+    "qwen3": Family("qwen3", qkv_bias=False, qk_norm=True),
+}
+
+
+def family_of(config) -> Family:
+    """The family adapter for a config, or a clear error naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise CompactLMError(
+            f"unsupported architecture {model_type!r}: compactlm prunes decoder-only models of the "
+            f"families {', '.join(FAMILIES)} (Llama-style blocks: q/k/v/o projections, gated MLP, RMSNorm)"
+        )
+    return FAMILIES[model_type]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that pruning changes, plus what the parameter count depends on."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def head_dim_of(config) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def shape_of(config) -> ModelShape:
+    family = family_of(config)
+    return ModelShape(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim_of(config),
+        vocab_size=config.vocab_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=family.qkv_bias or bool(getattr(config, "attention_bias", False)),
+        qk_norm=family.qk_norm,
+    )
+
+
+def count_params(shape: ModelShape) -> int:
+    """Parameter count of a model of this shape, without building it (matches `sum(p.numel())`)."""
+    d, f, hd = shape.hidden_size, shape.ffn_hidden_size, shape.head_dim
+    q, kv = shape.num_attention_heads * hd, shape.num_query_groups * hd
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
+    if shape.qkv_bias:
+        per_layer += q + 2 * kv
+    if shape.qk_norm:
+        per_layer += 2 * hd
+    embeddings = shape.vocab_size * d * (1 if shape.tied_embeddings else 2)
+    return embeddings + shape.num_layers * per_layer + d
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder blocks of a *ForCausalLM model."""
+    return model.model.layers
+
+
+# State-dict names, relative to `model.layers.{i}.`
+ATTN_Q, ATTN_K, ATTN_V, ATTN_O = (f"self_attn.{p}_proj" for p in "qkvo")
+MLP_GATE, MLP_UP, MLP_DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def validate_config(config_dict: dict, config_class) -> None:
+    """Build the config class the checkpoint will load with, and turn its refusal into a clear error."""
+    try:
+        config = config_class(**config_dict)
+        validate = getattr(config, "validate_architecture", None)
+        if callable(validate):
+            validate()
+    except Exception as exc:  # transformers raises its strict-dataclass validation error, a ValueError inside
+        reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+        hint = ""
+        if "multiple of the number of attention heads" in reason:
+            heads = config_dict["num_attention_heads"]
+            hint = (
+                f"; it checks this even though head_dim is set explicitly, so choose a hidden size that is a "
+                f"multiple of {heads} (or prune heads too)"
+            )
+        raise CompactLMError(
+            f"{config_class.__name__} (which this checkpoint loads with) refuses the pruned shape: {reason}{hint}"
+        ) from exc

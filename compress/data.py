@@ -1,0 +1,189 @@
+"""Text data: the bundled corpora (Debian doc packages) and user files, with a fixed held-out split, packed
+into fixed-length token sequences.
+
+The held-out split is decided per document by a hash of its id, so it never depends on listing order, on
+the seed or on how many samples are asked for: a document is held out iff
+`int(sha256(doc_id)[:8], 16) % 100 < HELDOUT_PERCENT`. Calibration and training read only the `train` split;
+perplexity is measured only on `heldout`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import CompactLMError
+
+HELDOUT_PERCENT = 10
+SPLITS = ("train", "heldout")
+TEXT_BLOCK_CHARS = 4000
+"""A plain text file is cut into documents of whole paragraphs, at least this long, to be split."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    root: str
+    debian_package: str
+    license: str
+    description: str
+
+
+CORPORA: dict[str, Corpus] = {
+    c.name: c
+    for c in [
+        Corpus(
+            "python-docs",
+            "/usr/share/doc/python3.11/html/_sources",
+            "python3.11-doc",
+            "PSF-2.0",
+            "Python 3.11 documentation sources (497 .rst.txt files, ~11 MB of English prose and code)",
+        ),
+        Corpus(
+            "linux-docs",
+            "/usr/share/doc/linux-doc-6.1/html/_sources",
+            "linux-doc-6.1",
+            "GPL-2.0",
+            "Linux 6.1 kernel documentation sources (3,183 .rst.txt files, ~24 MB)",
+        ),
+    ]
+}
+
+
+def is_heldout(doc_id: str) -> bool:
+    """The fixed held-out rule (see the module docstring)."""
+    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    load: object
+    """Callable returning the text; files are read lazily, only when their tokens are needed."""
+
+
+def _corpus_documents(corpus: Corpus) -> list[Document]:
+    root = Path(corpus.root)
+    if not root.is_dir():
+        raise CompactLMError(
+            f"corpus {corpus.name!r} needs the Debian package {corpus.debian_package}: "
+            f"run `apt-get install {corpus.debian_package}` (or `make setup`)"
+        )
+    files = sorted(root.rglob("*.rst.txt"))
+    return [
+        Document(f"{corpus.name}/{f.relative_to(root)}", lambda f=f: f.read_text(errors="replace")) for f in files
+    ]
+
+
+def _jsonl_documents(path: Path) -> list[Document]:
+    docs = []
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CompactLMError(f"{path}:{line_no} is not valid JSON ({exc.msg})") from exc
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise CompactLMError(f'{path}:{line_no} has no string field "text"')
+            docs.append(Document(f"{path.name}:{line_no}", lambda text=text: text))
+    return docs
+
+
+def _text_documents(path: Path) -> list[Document]:
+    text = path.read_text(errors="replace")
+    blocks, current = [], ""
+    for paragraph in text.split("\n\n"):
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+        if len(current) >= TEXT_BLOCK_CHARS:
+            blocks.append(current)
+            current = ""
+    if current.strip():
+        blocks.append(current)
+    return [Document(f"{path.name}:{i}", lambda b=b: b) for i, b in enumerate(blocks)]
+
+
+def documents(source: str | os.PathLike) -> list[Document]:
+    """All documents of a named corpus, a .jsonl file ({"text": ...} per line), a text file or a folder of them."""
+    if str(source) in CORPORA:
+        return _corpus_documents(CORPORA[str(source)])
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md", ".rst", ".jsonl"})
+        return [doc for f in files for doc in (_jsonl_documents(f) if f.suffix == ".jsonl" else _text_documents(f))]
+    if path.is_file():
+        return _jsonl_documents(path) if path.suffix == ".jsonl" else _text_documents(path)
+    raise CompactLMError(
+        f"data {source!s} is neither a bundled corpus ({', '.join(CORPORA)}) nor an existing file or folder"
+    )
+
+
+def split_documents(source: str | os.PathLike, split: str, seed: int = 0) -> list[Document]:
+    """The documents of one split, shuffled with `seed` (the split itself never depends on the seed)."""
+    if split not in SPLITS:
+        raise CompactLMError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    docs = [d for d in documents(source) if is_heldout(d.doc_id) == (split == "heldout")]
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def iter_token_stream(docs: list[Document], tokenizer) -> Iterator[list[int]]:
+    """Token ids of each non-empty document followed by the EOS separator."""
+    eos = tokenizer.eos_token_id
+    for doc in docs:
+        text = doc.load()
+        if not text.strip():
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        yield ids + ([eos] if eos is not None else [])
+
+
+def load_sequences(
+    source: str | os.PathLike,
+    tokenizer,
+    *,
+    num_sequences: int,
+    seq_len: int,
+    split: str = "train",
+    seed: int = 0,
+):
+    """`num_sequences` packed sequences of exactly `seq_len` tokens, as a LongTensor [N, seq_len].
+
+    Documents are concatenated (EOS between them) and cut into fixed-length rows; only as many documents
+    as needed are read and tokenized.
+    """
+    import torch
+
+    if num_sequences < 1 or seq_len < 2:
+        raise CompactLMError("need at least 1 sequence of at least 2 tokens")
+    docs = split_documents(source, split, seed)
+    if not docs:
+        raise CompactLMError(f"data {source!s} has no documents in its {split!r} split")
+    need = num_sequences * seq_len
+    buffer: list[int] = []
+    for ids in iter_token_stream(docs, tokenizer):
+        buffer.extend(ids)
+        if len(buffer) >= need:
+            break
+    if len(buffer) < need:
+        raise CompactLMError(
+            f"data {source!s} has only {len(buffer):,} tokens in its {split!r} split, "
+            f"{num_sequences} x {seq_len} = {need:,} are needed: ask for fewer or shorter sequences"
+        )
+    return torch.tensor(buffer[:need], dtype=torch.long).view(num_sequences, seq_len)
+
+
+def describe(source: str | os.PathLike) -> dict:
+    """A short description for records: which data, which split rule."""
+    info = {"source": str(source), "heldout_rule": f"sha256(doc_id)[:8] % 100 < {HELDOUT_PERCENT}"}
+    if str(source) in CORPORA:
+        corpus = CORPORA[str(source)]
+        info.update(debian_package=corpus.debian_package, license=corpus.license)
+    return info
