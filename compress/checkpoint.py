@@ -130,12 +130,17 @@ def load_model(name_or_path: str | os.PathLike, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     path, _ = inspect_checkpoint(name_or_path)
+    hf_logging.disable_progress_bar()  # our own progress is shown; a bar per load is noise
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
     except (OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise CompactLMError(f"cannot load the weights in {path}: {reason}") from exc
+    finally:
+        hf_logging.enable_progress_bar()
     model.eval()
     model.compactlm_path = str(path)
     return model
@@ -183,8 +188,14 @@ def save_checkpoint(
         "history": list(parent_record["history"]) if parent_record else [],
     }
     record["history"].append(operation)
+    from transformers.utils import logging as hf_logging
+
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            hf_logging.enable_progress_bar()
         if source:
             for name in TOKENIZER_FILES:
                 src_file = Path(source) / name

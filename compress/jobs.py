@@ -1,0 +1,120 @@
+"""File-level jobs behind the CLI and the pipeline: checkpoint (and data) in, scores or checkpoint out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from compress.checkpoint import load_model, load_tokenizer, save_checkpoint
+from compress.data import describe, load_sequences
+from compress.errors import CompactLMError
+from compress.evaluate import count_model_params, perplexity
+from compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
+from compress.progress import stage_progress
+from compress.prune import PruneTarget, prune
+
+
+def calibration_data(model_path, data, samples: int, seq_len: int, split: str = "train") -> torch.Tensor:
+    return load_sequences(data, load_tokenizer(model_path), num_sequences=samples, seq_len=seq_len, split=split)
+
+
+def run_importance(
+    model_or_path, data, samples: int, seq_len: int, config: ImportanceConfig | None = None
+) -> ImportanceScores:
+    """Load (if needed) the model and its calibration data from the train split, and estimate importance."""
+    model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    path = Path(model.compactlm_path)
+    sequences = calibration_data(path, data, samples, seq_len)
+    meta = {"model": str(path), "data": describe(data), "split": "train"}
+    with stage_progress() as update:
+        return estimate_importance(model, sequences, config, meta=meta, progress=update)
+
+
+def prune_checkpoint(
+    model_or_path,
+    out,
+    target: PruneTarget,
+    *,
+    scores: ImportanceScores | None = None,
+    scores_path: str | os.PathLike | None = None,
+    random_seed: int | None = None,
+    data="python-docs",
+    samples: int = 128,
+    seq_len: int = 256,
+    importance: ImportanceConfig | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Prune a checkpoint to `target` and save it with its record; returns {'path', 'record', 'model'}.
+
+    Scores come from `scores`, a scores file, random (`random_seed`, the baseline), or are computed now on
+    `data` (with the removal-loss block size the depth target needs).
+    """
+    model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    source = Path(model.compactlm_path)
+    num_layers = model.config.num_hidden_layers
+    drop = num_layers - target.num_layers if target.num_layers else 0
+    if scores is None and scores_path is not None:
+        scores = ImportanceScores.load(scores_path)
+    if scores is None and random_seed is not None:
+        scores = random_scores(model.config, seed=random_seed, block_sizes=(1, drop) if drop else (1,))
+    if scores is None:
+        cfg = importance or ImportanceConfig()
+        needs_loss = drop > 0 and target.depth_metric != "block-influence"
+        cfg = ImportanceConfig(
+            seq_agg=cfg.seq_agg,
+            batch_agg=cfg.batch_agg,
+            batch_size=cfg.batch_size,
+            depth_samples=cfg.depth_samples,
+            block_sizes=tuple({1, drop} - {0}) if drop else (1,),
+            removal_loss=needs_loss,
+        )
+        scores = run_importance(model, data, samples, seq_len, cfg)
+    student, record, kept = prune(model, scores, target)
+
+    def write_indices(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(kept.tensors(), folder / "compactlm.kept.safetensors")
+
+    record["kept_indices"] = "compactlm.kept.safetensors"
+    if random_seed is not None:
+        record["importance"] = {"random": True, "seed": random_seed}
+    path = save_checkpoint(
+        student, out, source=source, operation=record, extra_files={"kept": write_indices}, overwrite=overwrite
+    )
+    student.compactlm_path = str(path)
+    return {"path": path, "record": record, "model": student}
+
+
+def evaluate_models(
+    paths, data, samples: int, seq_len: int, batch_size: int = 4, names=None
+) -> pd.DataFrame:
+    """Held-out loss/perplexity of several checkpoints on the same held-out sequences (one row each)."""
+    rows = []
+    sequences, vocab = None, None
+    with stage_progress() as update:
+        for i, path in enumerate(paths):
+            model = load_model(path)
+            if sequences is None:
+                sequences = calibration_data(path, data, samples, seq_len, split="heldout")
+                vocab = model.config.vocab_size
+            elif model.config.vocab_size != vocab:
+                raise CompactLMError(f"{path} has another vocabulary than {paths[0]}: perplexities would not compare")
+            result = perplexity(model, sequences, batch_size)
+            rows.append(
+                {
+                    "model": (names or paths)[i],
+                    "path": str(path),
+                    "params": count_model_params(model),
+                    "heldout_loss": result.loss,
+                    "perplexity": result.perplexity,
+                    "tokens": result.tokens,
+                    "data": str(data),
+                }
+            )
+            update("evaluate", i + 1, len(paths))
+            del model
+    return pd.DataFrame(rows)

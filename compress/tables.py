@@ -1,0 +1,60 @@
+"""Rich tables for people: depth ranking, model comparisons."""
+
+from __future__ import annotations
+
+import pandas as pd
+from rich.table import Table
+
+from compress.importance import ImportanceScores
+
+
+def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
+    """Layers ranked from least to most important (by removal loss when measured, else Block Influence)."""
+    losses = scores.removal_loss.get(1)
+    influence = scores.block_influence.get(1)
+    num_layers = scores.mlp.shape[0]
+    order = sorted(range(num_layers), key=lambda i: float(losses[i] if losses is not None else influence[i]))
+    title = "depth importance: layers by LM-loss increase when removed (least important first)"
+    if losses is None:
+        title = "depth importance: layers by Block Influence (least important first)"
+    table = Table(title=title)
+    table.add_column("rank", justify="right")
+    table.add_column("layer", justify="right")
+    if losses is not None:
+        table.add_column("loss without it", justify="right")
+        table.add_column("Δ loss", justify="right")
+    table.add_column("block influence", justify="right")
+    for rank, layer in enumerate(order[:rows] if rows else order, start=1):
+        cells = [str(rank), str(layer)]
+        if losses is not None:
+            cells += [f"{float(losses[layer]):.4f}", f"{float(losses[layer]) - scores.base_loss:+.4f}"]
+        cells.append(f"{float(influence[layer]):.4f}")
+        table.add_row(*cells)
+    for k, block_losses in sorted(scores.removal_loss.items()):
+        if k > 1:
+            start = int(block_losses.argmin())
+            table.caption = (table.caption or "") + (
+                f"best block of {k}: layers {start}-{start + k - 1} "
+                f"(loss {float(block_losses[start]):.4f}, base {scores.base_loss:.4f})  "
+            )
+    return table
+
+
+def results_table(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(title=title)
+    for column in frame.columns:
+        if column in ("path", "data", "tokens"):
+            continue
+        table.add_column(column, justify="left" if frame[column].dtype == object else "right")
+    for _, row in frame.iterrows():
+        cells = []
+        for column in table.columns:
+            value = row[column.header]
+            if column.header == "params":
+                cells.append(f"{value / 1e6:.1f}M")
+            elif isinstance(value, float):
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(value))
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,1 @@
+"""Engine builders and runtimes (CPU engine, transformers reference, TensorRT-LLM): see the engine issue."""
