@@ -1,0 +1,111 @@
+"""Small helpers shared by the unit tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from compress.arch import shape_of
+
+ATOL = 1e-5
+"""Removing a unit that contributes exactly zero changes only the order of float sums."""
+
+
+@torch.inference_mode()
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens, use_cache=False).logits
+
+
+def expected_state_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter a model of this config must have, with its shape (derived by hand, not by the library)."""
+    d, f = config.hidden_size, config.intermediate_size
+    h, g, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (config.vocab_size, d),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h * hd, d),
+            p + "self_attn.k_proj.weight": (g * hd, d),
+            p + "self_attn.v_proj.weight": (g * hd, d),
+            p + "self_attn.o_proj.weight": (d, h * hd),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+        }
+        if bias:
+            shapes |= {
+                p + "self_attn.q_proj.bias": (h * hd,),
+                p + "self_attn.k_proj.bias": (g * hd,),
+                p + "self_attn.v_proj.bias": (g * hd,),
+            }
+        if config.model_type == "qwen3":
+            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+    return shapes
+
+
+def state_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def head_cols(head: int, head_dim: int) -> slice:
+    return slice(head * head_dim, (head + 1) * head_dim)
+
+
+def heads_per_group(config) -> int:
+    shape = shape_of(config)
+    return shape.num_attention_heads // shape.num_query_groups
+
+
+class CharTokenizer:
+    """A stand-in for a HF tokenizer: one id per character (ord), EOS = 0; counts its calls."""
+
+    eos_token_id = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        self.calls += 1
+        return {"input_ids": [ord(c) % 250 + 1 for c in text]}
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+WORDS = (
+    "the model reads a page of text and learns which word comes next while the pruned student keeps the "
+    "layers heads and neurons that matter most for the loss on held out documents"
+).split()
+
+
+def english_docs(n: int, words_per_doc: int = 40, seed: int = 0) -> list[str]:
+    """Deterministic English-ish documents over a small vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n):
+        idx = torch.randint(0, len(WORDS), (words_per_doc,), generator=gen).tolist()
+        docs.append(" ".join(WORDS[i] for i in idx) + ".")
+    return docs
+
+
+def save_word_tokenizer(folder: Path, texts: list[str]) -> None:
+    """Train a tiny word-level tokenizer (vocab <= 256) on `texts` and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"]))
+    assert tok.get_vocab_size() <= 256
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
