@@ -83,6 +83,7 @@ def importance_cmd(
 ) -> None:
     """Score MLP neurons, attention heads, embedding channels and layers with forward passes only."""
     from compress.checkpoint import check_output, inspect_checkpoint
+    from compress.data import check_data
     from compress.importance import ImportanceConfig
     from compress.jobs import run_importance
     from compress.tables import depth_table
@@ -97,6 +98,7 @@ def importance_cmd(
     )
     check_output(out, overwrite)
     path, _ = inspect_checkpoint(model)
+    check_data(data)
     scores = run_importance(path, data, samples, seq_len, config)
     scores.save(out)
     console.print(depth_table(scores))
@@ -130,6 +132,7 @@ def prune_cmd(
 ) -> None:
     """Prune a model uniformly across layers to the given sizes; write a standard HF checkpoint."""
     from compress.checkpoint import check_output, inspect_checkpoint
+    from compress.data import check_data
     from compress.importance import ImportanceConfig
     from compress.jobs import prune_checkpoint
     from compress.prune import PruneTarget, parse_layer_ranges, plan
@@ -145,7 +148,9 @@ def prune_cmd(
     )
     check_output(out, overwrite)
     path, config = inspect_checkpoint(model)
-    new_shape, _ = plan(config, target)  # refuse impossible targets before loading anything
+    plan(config, target)  # refuse impossible targets before loading anything
+    if scores is None and random_seed is None:
+        check_data(data)
     result = prune_checkpoint(
         path,
         out,
@@ -176,10 +181,12 @@ def eval_cmd(
 ) -> None:
     """Held-out LM loss and perplexity of one or more models, side by side (the held-out split only)."""
     from compress.checkpoint import inspect_checkpoint
+    from compress.data import check_data
     from compress.jobs import evaluate_models
     from compress.tables import results_table
 
     paths = [inspect_checkpoint(m)[0] for m in models]  # validate every model before evaluating any
+    check_data(data, split="heldout")
     frame = evaluate_models(paths, data, samples, seq_len, batch_size, names=models)
     console.print(results_table(frame, title=f"held-out perplexity ({data}, {samples} x {seq_len} tokens)"))
     if out is not None:

@@ -180,6 +180,18 @@ def load_sequences(
     return torch.tensor(buffer[:need], dtype=torch.long).view(num_sequences, seq_len)
 
 
+def check_data(source: str | os.PathLike, split: str = "train") -> None:
+    """Cheap early check (no tokenization): the data exists and the split has documents with text."""
+    docs = documents(source)
+    if not any(doc.load().strip() for doc in docs[:1000]):
+        raise CompactLMError(f"data {source!s} is empty: no document has any text")
+    if not any(is_heldout(d.doc_id) == (split == "heldout") for d in docs):
+        raise CompactLMError(
+            f"data {source!s} has no documents in its {split!r} split ({len(docs)} documents in all; "
+            f"{HELDOUT_PERCENT}% are held out by a fixed hash of their ids)"
+        )
+
+
 def describe(source: str | os.PathLike) -> dict:
     """A short description for records: which data, which split rule."""
     info = {"source": str(source), "heldout_rule": f"sha256(doc_id)[:8] % 100 < {HELDOUT_PERCENT}"}

@@ -45,7 +45,8 @@ def results_table(frame: pd.DataFrame, title: str) -> Table:
     for column in frame.columns:
         if column in ("path", "data", "tokens"):
             continue
-        table.add_column(column, justify="left" if frame[column].dtype == object else "right")
+        text = frame[column].dtype == object
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
     for _, row in frame.iterrows():
         cells = []
         for column in table.columns:

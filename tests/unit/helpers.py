@@ -19,10 +19,11 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def expected_state_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every parameter a model of this config must have, with its shape (derived by hand, not by the library)."""
+    """Every parameter a model of this config must have, with its shape (derived here, not by the library)."""
     d, f = config.hidden_size, config.intermediate_size
     h, g, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    attention_bias = bool(getattr(config, "attention_bias", False))  # Llama/Qwen3: q/k/v/o biases
+    qkv_bias = config.model_type == "qwen2" or attention_bias  # Qwen2: q/k/v only, always
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (config.vocab_size, d),
         "model.norm.weight": (d,),
@@ -41,11 +42,19 @@ def expected_state_shapes(config) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (d,),
             p + "post_attention_layernorm.weight": (d,),
         }
-        if bias:
+        if qkv_bias:
             shapes |= {
                 p + "self_attn.q_proj.bias": (h * hd,),
                 p + "self_attn.k_proj.bias": (g * hd,),
                 p + "self_attn.v_proj.bias": (g * hd,),
+            }
+        if attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (d,)
+        if getattr(config, "mlp_bias", False):
+            shapes |= {
+                p + "mlp.gate_proj.bias": (f,),
+                p + "mlp.up_proj.bias": (f,),
+                p + "mlp.down_proj.bias": (d,),
             }
         if config.model_type == "qwen3":
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
@@ -106,6 +115,10 @@ def save_word_tokenizer(folder: Path, texts: list[str]) -> None:
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"]))
+    tok.train_from_iterator(
+        texts, trainers.WordLevelTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"])
+    )
     assert tok.get_vocab_size() <= 256
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        folder
+    )

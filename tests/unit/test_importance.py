@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from compress.errors import CompactLMError
-from compress.importance import AGGREGATIONS, ImportanceConfig, ImportanceScores, estimate_importance, random_scores
+from compress.importance import (
+    AGGREGATIONS,
+    ImportanceConfig,
+    ImportanceScores,
+    estimate_importance,
+    random_scores,
+)
 from tests.factory import random_tokens, tiny_config, tiny_model
 
 WIDTH_ONLY = dict(removal_loss=False)
@@ -53,7 +59,9 @@ def _reduce(x: torch.Tensor, seq_agg: str, batch_agg: str) -> torch.Tensor:
 
 def test_score_shapes_and_group_sums():
     model = tiny_model("llama")
-    scores = estimate_importance(model, random_tokens(5, 16), ImportanceConfig(batch_size=2, block_sizes=(1, 2)))
+    scores = estimate_importance(
+        model, random_tokens(5, 16), ImportanceConfig(batch_size=2, block_sizes=(1, 2))
+    )
     assert scores.mlp.shape == (4, 96)
     assert scores.heads.shape == (4, 6)
     assert scores.hidden.shape == (48,)
@@ -72,7 +80,7 @@ def test_score_shapes_and_group_sums():
 def test_running_aggregation_equals_brute_force(seq_agg, batch_agg):
     model = tiny_model("qwen2")
     tokens = random_tokens(7, 12, seed=3)
-    # batch_size 3 over 7 samples: the last batch is partial, so the running sums must weigh samples, not batches
+    # batch 3 over 7 samples: the last batch is partial, so the running sums must weigh samples, not batches
     config = ImportanceConfig(seq_agg=seq_agg, batch_agg=batch_agg, batch_size=3, **WIDTH_ONLY)
     scores = estimate_importance(model, tokens, config)
     seen = _capture(model, tokens)
@@ -104,8 +112,12 @@ def test_neuron_with_zero_gate_and_up_rows_scores_zero_and_ranks_lowest():
 def test_scores_do_not_depend_on_batch_size():
     model = tiny_model("mistral")
     tokens = random_tokens(4, 16, seed=5)
-    one = estimate_importance(model, tokens, ImportanceConfig(batch_size=1, block_sizes=(1, 2), depth_samples=4))
-    four = estimate_importance(model, tokens, ImportanceConfig(batch_size=4, block_sizes=(1, 2), depth_samples=4))
+    one = estimate_importance(
+        model, tokens, ImportanceConfig(batch_size=1, block_sizes=(1, 2), depth_samples=4)
+    )
+    four = estimate_importance(
+        model, tokens, ImportanceConfig(batch_size=4, block_sizes=(1, 2), depth_samples=4)
+    )
     for name in ("mlp", "heads", "hidden"):
         torch.testing.assert_close(getattr(one, name), getattr(four, name), rtol=1e-5, atol=1e-6)
     for k in (1, 2):
@@ -117,7 +129,10 @@ def test_scores_do_not_depend_on_batch_size():
 def test_save_load_round_trip(tmp_path):
     model = tiny_model("qwen3")
     scores = estimate_importance(
-        model, random_tokens(4, 16), ImportanceConfig(block_sizes=(1, 3), depth_samples=2), meta={"model": "tiny"}
+        model,
+        random_tokens(4, 16),
+        ImportanceConfig(block_sizes=(1, 3), depth_samples=2),
+        meta={"model": "tiny"},
     )
     path = scores.save(tmp_path / "scores.safetensors")
     assert path.is_file() and [p.name for p in tmp_path.iterdir()] == ["scores.safetensors"]  # no temp left
@@ -211,7 +226,10 @@ def test_progress_reports_every_stage():
 
 def test_random_scores_have_the_model_shapes_and_are_seeded():
     config = tiny_config("qwen2")
-    a, b = random_scores(config, seed=1, block_sizes=(1, 3)), random_scores(config, seed=1, block_sizes=(1, 3))
+    a, b = (
+        random_scores(config, seed=1, block_sizes=(1, 3)),
+        random_scores(config, seed=1, block_sizes=(1, 3)),
+    )
     assert a.mlp.shape == (4, 96) and a.heads.shape == (4, 6) and a.hidden.shape == (48,)
     assert a.removal_loss[3].shape == (2,) and a.block_influence[1].shape == (4,)
     assert torch.equal(a.mlp, b.mlp)
