@@ -43,7 +43,7 @@ def main() -> None:
     except CompactLMError as exc:
         from compress.progress import console
 
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

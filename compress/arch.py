@@ -113,7 +113,7 @@ def validate_config(config_dict: dict, config_class) -> None:
         if callable(validate):
             validate()
     except Exception as exc:  # transformers raises its strict-dataclass validation error, a ValueError inside
-        reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+        reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ").rstrip(".")
         hint = ""
         if "multiple of the number of attention heads" in reason:
             heads = config_dict["num_attention_heads"]

@@ -135,7 +135,7 @@ def prune_cmd(
     from compress.data import check_data
     from compress.importance import ImportanceConfig
     from compress.jobs import prune_checkpoint
-    from compress.prune import PruneTarget, parse_layer_ranges, plan
+    from compress.prune import PruneTarget, needs_scores, parse_layer_ranges, plan
 
     target = PruneTarget(
         hidden_size=hidden_size,
@@ -149,7 +149,7 @@ def prune_cmd(
     check_output(out, overwrite)
     path, config = inspect_checkpoint(model)
     plan(config, target)  # refuse impossible targets before loading anything
-    if scores is None and random_seed is None:
+    if scores is None and random_seed is None and needs_scores(config, target):
         check_data(data)
     result = prune_checkpoint(
         path,

@@ -14,7 +14,7 @@ from compress.errors import CompactLMError
 from compress.evaluate import count_model_params, perplexity
 from compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
 from compress.progress import stage_progress
-from compress.prune import PruneTarget, prune
+from compress.prune import PruneTarget, needs_scores, prune
 
 
 def calibration_data(model_path, data, samples: int, seq_len: int, split: str = "train") -> torch.Tensor:
@@ -58,6 +58,9 @@ def prune_checkpoint(
     drop = num_layers - target.num_layers if target.num_layers else 0
     if scores is None and scores_path is not None:
         scores = ImportanceScores.load(scores_path)
+    if scores is None and not needs_scores(model.config, target):
+        scores = random_scores(model.config)  # every unit is kept or named explicitly: scores choose nothing
+        scores.meta = {"not_needed": "widths unchanged and layers named explicitly"}
     if scores is None and random_seed is not None:
         scores = random_scores(model.config, seed=random_seed, block_sizes=(1, drop) if drop else (1,))
     if scores is None:

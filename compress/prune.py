@@ -157,6 +157,18 @@ def plan(config, target: PruneTarget) -> tuple[ModelShape, dict]:
     return new_shape, new_config
 
 
+def needs_scores(config, target: PruneTarget) -> bool:
+    """False when nothing is chosen by importance: widths unchanged and layers named by --drop-layers (or kept)."""
+    old, (new, _) = shape_of(config), plan(config, target)
+    width_same = (old.hidden_size, old.ffn_hidden_size, old.num_attention_heads, old.num_query_groups) == (
+        new.hidden_size,
+        new.ffn_hidden_size,
+        new.num_attention_heads,
+        new.num_query_groups,
+    )
+    return not (width_same and (target.drop_layers is not None or new.num_layers == old.num_layers))
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, in ascending index order (keeping all of them is the identity)."""
     if k == scores.numel():
