@@ -33,7 +33,9 @@ def demo(
     held-out perplexity table (importance-guided and random pruning side by side)."""
     from compactlm.pipeline import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, samples=samples, seq_len=seq_len, eval_samples=eval_samples, eval_seq_len=eval_seq_len))
+    run_demo(
+        DemoConfig(out=out, samples=samples, seq_len=seq_len, eval_samples=eval_samples, eval_seq_len=eval_seq_len)
+    )
 
 
 def main() -> None:

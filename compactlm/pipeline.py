@@ -50,7 +50,11 @@ def _student(cfg: DemoConfig, name: str, target: PruneTarget, teacher, scores, r
         console.print(f"[dim]reusing {out}[/]")
         return out
     result = prune_checkpoint(
-        teacher, out, target, scores=None if random_seed is not None else scores, random_seed=random_seed,
+        teacher,
+        out,
+        target,
+        scores=None if random_seed is not None else scores,
+        random_seed=random_seed,
         overwrite=True,
     )
     return result["path"]
@@ -73,7 +77,9 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     teacher = load_model(teacher_path)
 
     scores_file = cfg.out / "scores.safetensors"
-    block_sizes = sorted({1} | {teacher.config.num_hidden_layers - t.num_layers for t in cfg.students.values() if t.num_layers})
+    block_sizes = sorted(
+        {1} | {teacher.config.num_hidden_layers - t.num_layers for t in cfg.students.values() if t.num_layers}
+    )
     if scores_file.is_file():
         scores = ImportanceScores.load(scores_file)
         console.print(f"[dim]reusing {scores_file}[/]")
@@ -104,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
             title=f"SmolLM2-135M students, held-out {cfg.data} ({cfg.eval_samples} x {cfg.eval_seq_len} tokens)",
         )
     )
-    for name, text in zip(frame["model"], frame[f"greedy: {PROMPT!r}"]):
+    for name, text in zip(frame["model"], frame[f"greedy: {PROMPT!r}"], strict=True):
         console.print(f"  {name:>16}: {PROMPT} [bold]{text}[/]")
     console.print(f"done in {time.perf_counter() - started:.0f} s; results in {cfg.out / 'results.csv'}")
     return frame

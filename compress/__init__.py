@@ -3,23 +3,34 @@
 The public API reads like the pipeline::
 
     model = load_model("smollm2-135m")
-    scores = estimate_importance(model, calibration_batches)
-    student, record = prune(model, scores, PruneTarget(hidden_size=432, ffn_hidden_size=1024))
+    scores = estimate_importance(model, calibration_sequences)
+    student, record, kept = prune(model, scores, PruneTarget(hidden_size=432, ffn_hidden_size=1024))
+
+Names are imported lazily, so that `compactlm --help` does not pay for importing torch.
 """
 
-from compress.checkpoint import load_model, load_tokenizer, save_checkpoint
-from compress.errors import CompactLMError
-from compress.importance import ImportanceConfig, ImportanceScores, estimate_importance
-from compress.prune import PruneTarget, prune
+from __future__ import annotations
 
-__all__ = [
-    "CompactLMError",
-    "ImportanceConfig",
-    "ImportanceScores",
-    "PruneTarget",
-    "estimate_importance",
-    "load_model",
-    "load_tokenizer",
-    "prune",
-    "save_checkpoint",
-]
+import importlib
+
+_EXPORTS = {
+    "CompactLMError": "compress.errors",
+    "ImportanceConfig": "compress.importance",
+    "ImportanceScores": "compress.importance",
+    "estimate_importance": "compress.importance",
+    "PruneTarget": "compress.prune",
+    "prune": "compress.prune",
+    "load_model": "compress.checkpoint",
+    "load_tokenizer": "compress.checkpoint",
+    "save_checkpoint": "compress.checkpoint",
+    "load_sequences": "compress.data",
+    "perplexity": "compress.evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")

@@ -13,20 +13,28 @@ from compress.errors import CompactLMError
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between the supported decoder families."""
+    """What differs between the supported decoder families.
+
+    Each bias is True (always there), False (never), or the name of the config flag that switches it on.
+    """
 
     model_type: str
-    qkv_bias: bool
-    """Qwen2 has biases on q/k/v (always); Llama/Mistral only when config.attention_bias is set."""
+    qkv_bias: bool | str
+    o_bias: bool | str
+    mlp_bias: bool | str
     qk_norm: bool
     """Qwen3 normalizes q and k per head (a [head_dim] RMSNorm): untouched by pruning since head_dim is kept."""
 
+    def has(self, bias: str, config) -> bool:
+        value = getattr(self, bias)
+        return value if isinstance(value, bool) else bool(getattr(config, value, False))
+
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", qkv_bias=False, qk_norm=False),
-    "mistral": Family("mistral", qkv_bias=False, qk_norm=False),
-    "qwen2": Family("qwen2", qkv_bias=True, qk_norm=False),
-    "qwen3": Family("qwen3", qkv_bias=False, qk_norm=True),
+    "llama": Family("llama", "attention_bias", "attention_bias", "mlp_bias", qk_norm=False),
+    "mistral": Family("mistral", False, False, False, qk_norm=False),
+    "qwen2": Family("qwen2", True, False, False, qk_norm=False),
+    "qwen3": Family("qwen3", "attention_bias", "attention_bias", False, qk_norm=True),
 }
 
 
@@ -54,6 +62,8 @@ class ModelShape:
     vocab_size: int
     tied_embeddings: bool
     qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
     qk_norm: bool = False
 
     def as_dict(self) -> dict:
@@ -76,7 +86,9 @@ def shape_of(config) -> ModelShape:
         head_dim=head_dim_of(config),
         vocab_size=config.vocab_size,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        qkv_bias=family.qkv_bias or bool(getattr(config, "attention_bias", False)),
+        qkv_bias=family.has("qkv_bias", config),
+        o_bias=family.has("o_bias", config),
+        mlp_bias=family.has("mlp_bias", config),
         qk_norm=family.qk_norm,
     )
 
@@ -88,6 +100,10 @@ def count_params(shape: ModelShape) -> int:
     per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
     if shape.qkv_bias:
         per_layer += q + 2 * kv
+    if shape.o_bias:
+        per_layer += d
+    if shape.mlp_bias:
+        per_layer += 2 * f + d
     if shape.qk_norm:
         per_layer += 2 * hd
     embeddings = shape.vocab_size * d * (1 if shape.tied_embeddings else 2)

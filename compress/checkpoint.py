@@ -129,7 +129,6 @@ def load_model(name_or_path: str | os.PathLike, dtype=None):
     """Load a supported causal LM (checkpoint dir or bundled name) in fp32 on CPU, after validating it."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     path, _ = inspect_checkpoint(name_or_path)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from compress.errors import CompactLMError
-from compress.progress import console, stage_progress
+from compress.progress import console
 
 models_app = typer.Typer(help="Bundled real models: list them, pull them into the cache.", no_args_is_help=True)
 app = typer.Typer(help="Compression: importance estimation, pruning, evaluation.", no_args_is_help=True)
@@ -19,7 +19,9 @@ DataOpt = Annotated[
     str,
     typer.Option(help="A bundled corpus (python-docs, linux-docs), a .txt/.jsonl file or a folder of them."),
 ]
-SamplesOpt = Annotated[int, typer.Option(help="Number of packed sequences (the paper uses 1024; CPU default is smaller).")]
+SamplesOpt = Annotated[
+    int, typer.Option(help="Number of packed sequences (the paper uses 1024; CPU default is smaller).")
+]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per packed sequence.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
@@ -73,7 +75,8 @@ def importance_cmd(
     seq_agg: Annotated[str, typer.Option(help="Reduction over tokens: mean, l2 or var.")] = "mean",
     batch_agg: Annotated[str, typer.Option(help="Reduction over samples: mean, l2 or var.")] = "l2",
     block_sizes: Annotated[
-        str, typer.Option(help="Contiguous block sizes scored by removal loss and Block Influence, e.g. 1,14.")
+        str,
+        typer.Option(help="Contiguous block sizes scored by removal loss and Block Influence, e.g. 1,14."),
     ] = "1",
     depth_samples: Annotated[int, typer.Option(help="Sequences used for the layer-removal losses.")] = 8,
     removal_loss: Annotated[
@@ -122,7 +125,8 @@ def prune_cmd(
         Path | None, typer.Option(help="Importance scores from `compress importance` (else computed now).")
     ] = None,
     random_seed: Annotated[
-        int | None, typer.Option(help="Prune by random scores with this seed: the baseline importance must beat.")
+        int | None,
+        typer.Option(help="Prune by random scores with this seed: the baseline importance must beat."),
     ] = None,
     data: DataOpt = "python-docs",
     samples: SamplesOpt = 128,
@@ -185,12 +189,15 @@ def eval_cmd(
     from compress.jobs import evaluate_models
     from compress.tables import results_table
 
+    if out is not None and out.suffix not in (".csv", ".parquet"):
+        raise CompactLMError("--out must end in .csv or .parquet")
     paths = [inspect_checkpoint(m)[0] for m in models]  # validate every model before evaluating any
     check_data(data, split="heldout")
     frame = evaluate_models(paths, data, samples, seq_len, batch_size, names=models)
     console.print(results_table(frame, title=f"held-out perplexity ({data}, {samples} x {seq_len} tokens)"))
     if out is not None:
-        if out.suffix not in (".csv", ".parquet"):
-            raise CompactLMError("--out must end in .csv or .parquet")
-        frame.to_parquet(out) if out.suffix == ".parquet" else frame.to_csv(out, index=False)
+        if out.suffix == ".parquet":
+            frame.to_parquet(out, index=False)
+        else:
+            frame.to_csv(out, index=False)
         console.print(f"saved to {out}")

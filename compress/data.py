@@ -75,12 +75,10 @@ def _corpus_documents(corpus: Corpus) -> list[Document]:
             f"run `apt-get install {corpus.debian_package}` (or `make setup`)"
         )
     files = sorted(root.rglob("*.rst.txt"))
-    return [
-        Document(f"{corpus.name}/{f.relative_to(root)}", lambda f=f: f.read_text(errors="replace")) for f in files
-    ]
+    return [Document(f"{corpus.name}/{f.relative_to(root)}", lambda f=f: f.read_text(errors="replace")) for f in files]
 
 
-def _jsonl_documents(path: Path) -> list[Document]:
+def _jsonl_documents(path: Path, name: str) -> list[Document]:
     docs = []
     with path.open() as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -93,11 +91,11 @@ def _jsonl_documents(path: Path) -> list[Document]:
             text = obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise CompactLMError(f'{path}:{line_no} has no string field "text"')
-            docs.append(Document(f"{path.name}:{line_no}", lambda text=text: text))
+            docs.append(Document(f"{name}:{line_no}", lambda text=text: text))
     return docs
 
 
-def _text_documents(path: Path) -> list[Document]:
+def _text_documents(path: Path, name: str) -> list[Document]:
     text = path.read_text(errors="replace")
     blocks, current = [], ""
     for paragraph in text.split("\n\n"):
@@ -107,7 +105,12 @@ def _text_documents(path: Path) -> list[Document]:
             current = ""
     if current.strip():
         blocks.append(current)
-    return [Document(f"{path.name}:{i}", lambda b=b: b) for i, b in enumerate(blocks)]
+    return [Document(f"{name}:{i}", lambda b=b: b) for i, b in enumerate(blocks)]
+
+
+def _file_documents(path: Path, name: str) -> list[Document]:
+    """Documents of one file; `name` (the path inside the data folder) prefixes their ids."""
+    return _jsonl_documents(path, name) if path.suffix == ".jsonl" else _text_documents(path, name)
 
 
 def documents(source: str | os.PathLike) -> list[Document]:
@@ -117,9 +120,9 @@ def documents(source: str | os.PathLike) -> list[Document]:
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md", ".rst", ".jsonl"})
-        return [doc for f in files for doc in (_jsonl_documents(f) if f.suffix == ".jsonl" else _text_documents(f))]
+        return [doc for f in files for doc in _file_documents(f, f.relative_to(path).as_posix())]
     if path.is_file():
-        return _jsonl_documents(path) if path.suffix == ".jsonl" else _text_documents(path)
+        return _file_documents(path, path.name)
     raise CompactLMError(
         f"data {source!s} is neither a bundled corpus ({', '.join(CORPORA)}) nor an existing file or folder"
     )

@@ -236,7 +236,7 @@ def estimate_importance(
                 lambda _m, _args, out, j=i + 1: influence.boundary(j, out[0] if isinstance(out, tuple) else out)
             )
         )
-    for norm, acc in zip(norms, norm_acc):
+    for norm, acc in zip(norms, norm_acc, strict=True):
         handles.append(norm.register_forward_hook(lambda _m, _args, out, acc=acc: acc.update(out.detach().abs())))
 
     started = time.perf_counter()

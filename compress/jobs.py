@@ -86,15 +86,18 @@ def prune_checkpoint(
     if random_seed is not None:
         record["importance"] = {"random": True, "seed": random_seed}
     path = save_checkpoint(
-        student, out, source=source, operation=record, extra_files={"kept": write_indices}, overwrite=overwrite
+        student,
+        out,
+        source=source,
+        operation=record,
+        extra_files={"kept": write_indices},
+        overwrite=overwrite,
     )
     student.compactlm_path = str(path)
     return {"path": path, "record": record, "model": student}
 
 
-def evaluate_models(
-    paths, data, samples: int, seq_len: int, batch_size: int = 4, names=None
-) -> pd.DataFrame:
+def evaluate_models(paths, data, samples: int, seq_len: int, batch_size: int = 4, names=None) -> pd.DataFrame:
     """Held-out loss/perplexity of several checkpoints on the same held-out sequences (one row each)."""
     rows = []
     sequences, vocab = None, None

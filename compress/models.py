@@ -96,9 +96,7 @@ def pull(name: str, force: bool = False) -> Path:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            gguf_model = AutoModelForCausalLM.from_pretrained(
-                src, gguf_file=model_info.filename, dtype=torch.float32
-            )
+            gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=model_info.filename, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=model_info.filename)
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -137,8 +135,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if str(name_or_path) in BUNDLED:
         return pull(str(name_or_path))
     raise CompactLMError(
-        f"{name_or_path!s} is neither a checkpoint directory nor a bundled model "
-        f"(bundled: {', '.join(BUNDLED)})"
+        f"{name_or_path!s} is neither a checkpoint directory nor a bundled model (bundled: {', '.join(BUNDLED)})"
     )
 
 

@@ -47,7 +47,13 @@ class PruneTarget:
     """block-loss | layer-loss | block-influence (see compress.depth.choose_layers_to_drop)."""
 
     def __post_init__(self):
-        for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
+        for name in (
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "num_layers",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise CompactLMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
@@ -73,7 +79,9 @@ def parse_layer_ranges(text: str) -> tuple[int, ...]:
             elif part:
                 indices.append(int(part))
     except ValueError as exc:
-        raise CompactLMError(f"cannot read layer list {text!r}: use indices and ranges like 16-29 or 3,5,10-12") from exc
+        raise CompactLMError(
+            f"cannot read layer list {text!r}: use indices and ranges like 16-29 or 3,5,10-12"
+        ) from exc
     return tuple(indices)
 
 
@@ -152,6 +160,8 @@ def plan(config, target: PruneTarget) -> tuple[ModelShape, dict]:
         vocab_size=old.vocab_size,
         tied_embeddings=old.tied_embeddings,
         qkv_bias=old.qkv_bias,
+        o_bias=old.o_bias,
+        mlp_bias=old.mlp_bias,
         qk_norm=old.qk_norm,
     )
     return new_shape, new_config

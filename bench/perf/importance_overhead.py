@@ -35,9 +35,7 @@ def main() -> None:
     from compress.importance import ImportanceConfig, estimate_importance
 
     model = load_model(args.model)
-    tokens = load_sequences(
-        args.data, load_tokenizer(args.model), num_sequences=args.samples, seq_len=args.seq_len
-    )
+    tokens = load_sequences(args.data, load_tokenizer(args.model), num_sequences=args.samples, seq_len=args.seq_len)
     config = ImportanceConfig(batch_size=args.batch_size, removal_loss=False)
 
     @torch.inference_mode()
@@ -61,9 +59,11 @@ def main() -> None:
 
     n_tokens = tokens.numel()
     base = statistics.median(times["plain forward (base model)"])
-    print(f"\n{args.model}: {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, "
-          f"{args.repeats} interleaved repeats, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"\n{args.model}: {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, "
+        f"{args.repeats} interleaved repeats, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print(f"{'run':34s} {'median s':>9s} {'min s':>7s} {'tokens/s':>9s} {'vs base fwd':>12s}")
     for name, values in times.items():
         med = statistics.median(values)

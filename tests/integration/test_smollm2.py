@@ -68,7 +68,9 @@ def test_bundled_model_is_real(teacher, tokenizer, heldout):
     ("name", "target", "params_m"),
     [("width", WIDTH, (80.0, 82.0)), ("depth", DEPTH, (84.0, 86.0))],
 )
-def test_students_load_in_transformers_and_generate(name, target, params_m, teacher, scores, tokenizer, heldout, tmp_path):
+def test_students_load_in_transformers_and_generate(
+    name, target, params_m, teacher, scores, tokenizer, heldout, tmp_path
+):
     out = tmp_path / name
     result = prune_checkpoint(teacher, out, target, scores=scores)
     # A standard checkpoint: plain transformers, no custom code.

@@ -15,11 +15,15 @@ import torch  # noqa: E402
 
 from tests.factory import random_tokens, tiny_model  # noqa: E402
 
-# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads make every
-# forward ~100x slower.
-torch.set_num_threads(1)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads make
+    every forward ~100x slower. Restored after each test, so the integration tests keep their threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from compress.arch import shape_of
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 ATOL = 1e-5
 """Removing a unit that contributes exactly zero changes only the order of float sums."""
@@ -69,11 +69,6 @@ def head_cols(head: int, head_dim: int) -> slice:
     return slice(head * head_dim, (head + 1) * head_dim)
 
 
-def heads_per_group(config) -> int:
-    shape = shape_of(config)
-    return shape.num_attention_heads // shape.num_query_groups
-
-
 class CharTokenizer:
     """A stand-in for a HF tokenizer: one id per character (ord), EOS = 0; counts its calls."""
 
@@ -115,10 +110,6 @@ def save_word_tokenizer(folder: Path, texts: list[str]) -> None:
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        texts, trainers.WordLevelTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"])
-    )
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"]))
     assert tok.get_vocab_size() <= 256
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(
-        folder
-    )
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)

@@ -22,7 +22,7 @@ from compress.checkpoint import (
 from compress.errors import CompactLMError
 from compress.models import BUNDLED, cached_path, compactlm_home, resolve
 from tests.factory import tiny_model
-from tests.unit.helpers import logits
+from tests.unit.helpers import FAMILIES, logits
 
 
 def _listing(folder: Path) -> list[str]:
@@ -98,9 +98,7 @@ def test_save_checkpoint_writes_weights_and_extends_the_parents_history(tmp_path
         tmp_path / "child",
         source=parent,
         operation={"op": "prune", "target": {"num_layers": 3}},
-        extra_files={
-            "kept": lambda folder: written.append(folder) or (folder / "kept.bin").write_bytes(b"k")
-        },
+        extra_files={"kept": lambda folder: written.append(folder) or (folder / "kept.bin").write_bytes(b"k")},
     )
     assert out == tmp_path / "child"
     names = set(_listing(out))
@@ -188,9 +186,7 @@ def test_inspect_checkpoint_names_the_supported_families_for_another_architectur
     from transformers import GPT2Config, GPT2LMHeadModel
 
     folder = tmp_path / "gpt2"
-    GPT2LMHeadModel(
-        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
-    ).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(folder)
     with pytest.raises(CompactLMError) as info:
         inspect_checkpoint(folder)
     message = str(info.value)
@@ -199,7 +195,7 @@ def test_inspect_checkpoint_names_the_supported_families_for_another_architectur
 
 
 def test_inspect_checkpoint_accepts_every_supported_family(tmp_path):
-    for family in ("llama", "mistral", "qwen2", "qwen3"):
+    for family in FAMILIES:
         folder = tmp_path / family
         tiny_model(family).save_pretrained(folder)
         path, config = inspect_checkpoint(folder)
@@ -213,9 +209,7 @@ def test_load_tokenizer_without_tokenizer_files_is_a_clear_error(tiny_dir):
 
 def test_resolve_takes_folders_and_cached_bundled_names(tmp_path, monkeypatch):
     assert resolve(tmp_path) == tmp_path
-    with pytest.raises(
-        CompactLMError, match="neither a checkpoint directory nor a bundled model .*smollm2-135m"
-    ):
+    with pytest.raises(CompactLMError, match="neither a checkpoint directory nor a bundled model .*smollm2-135m"):
         resolve(tmp_path / "missing")
     monkeypatch.setenv("COMPACTLM_HOME", str(tmp_path / "home"))
     assert compactlm_home() == tmp_path / "home"

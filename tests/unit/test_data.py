@@ -10,6 +10,7 @@ import torch
 import compress.data as data
 from compress.data import (
     Corpus,
+    check_data,
     describe,
     documents,
     is_heldout,
@@ -79,9 +80,7 @@ def test_load_sequences_packs_documents_with_eos_between(tmp_path):
     assert sequences.flatten().tolist() == stream[:120]
     assert (sequences == 0).sum() == stream[:120].count(0) > 0  # EOS separates the documents
     # the seed changes which documents come first, not the shape
-    assert not torch.equal(
-        sequences, load_sequences(source, CharTokenizer(), num_sequences=6, seq_len=20, seed=6)
-    )
+    assert not torch.equal(sequences, load_sequences(source, CharTokenizer(), num_sequences=6, seq_len=20, seed=6))
 
 
 def test_load_sequences_tokenizes_only_the_documents_it_needs(tmp_path):
@@ -118,15 +117,10 @@ def test_a_folder_reads_text_markdown_and_jsonl_files(tmp_path):
     write_jsonl(folder / "c.jsonl", ["gamma", "delta"])
     (folder / "ignored.csv").write_text("x,y")
     docs = documents(folder)
-    assert sorted(_ids(docs)) == ["a.txt:0", "b.md:0", "c.jsonl:1", "c.jsonl:2"]
+    assert sorted(_ids(docs)) == ["a.txt:0", "c.jsonl:1", "c.jsonl:2", "sub/b.md:0"]
     assert sorted(d.load() for d in docs) == ["alpha text", "beta text", "delta", "gamma"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: compress/data.py documents() names a folder's documents by file name only, so files of the "
-    "same name in different sub-folders share document ids (and always fall in the same split)",
-    strict=True,
-)
 def test_document_ids_in_a_folder_are_unique(tmp_path):
     for sub in ("2023", "2024"):
         (tmp_path / sub).mkdir()
@@ -206,10 +200,23 @@ def test_bundled_corpora_read_rst_sources(tmp_path, monkeypatch):
 def test_missing_corpus_says_which_debian_package_to_install(tmp_path, monkeypatch):
     corpus = Corpus("toy-docs", str(tmp_path / "absent"), "toy-doc", "MIT", "toy sources")
     monkeypatch.setattr(data, "CORPORA", {"toy-docs": corpus})
-    with pytest.raises(
-        CompactLMError, match="needs the Debian package toy-doc: run `apt-get install toy-doc`"
-    ):
+    with pytest.raises(CompactLMError, match="needs the Debian package toy-doc: run `apt-get install toy-doc`"):
         documents("toy-docs")
+
+
+def test_check_data_refuses_empty_data_and_an_empty_split(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", english_docs(30, words_per_doc=5))
+    check_data(good)
+    check_data(good, split="heldout")
+    blank = write_jsonl(tmp_path / "blank.jsonl", ["  ", "\n"])
+    with pytest.raises(CompactLMError, match="is empty: no document has any text"):
+        check_data(blank)
+    # a single document that the fixed hash holds out: the train split is empty
+    name = next(f"one{i}.jsonl" for i in range(1000) if is_heldout(f"one{i}.jsonl:1"))
+    lonely = write_jsonl(tmp_path / name, ["the only document"])
+    check_data(lonely, split="heldout")
+    with pytest.raises(CompactLMError, match=r"has no documents in its 'train' split \(1 documents in all; 10%"):
+        check_data(lonely)
 
 
 def test_describe_a_file_has_no_package():

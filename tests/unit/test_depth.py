@@ -12,7 +12,7 @@ from compress.errors import CompactLMError
 from compress.evaluate import Perplexity, perplexity
 from compress.importance import ImportanceConfig, ImportanceScores, estimate_importance
 from tests.factory import random_tokens, tiny_model
-from tests.unit.conftest import FAMILIES
+from tests.unit.helpers import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,9 +155,7 @@ def test_choose_layers_to_drop(metric, num_drop, want):
     assert choose_layers_to_drop(_hand_scores(), num_drop, metric) == want
 
 
-@pytest.mark.parametrize(
-    "metric,what", [("block-loss", "removal loss"), ("block-influence", "block influence")]
-)
+@pytest.mark.parametrize("metric,what", [("block-loss", "removal loss"), ("block-influence", "block influence")])
 def test_missing_block_size_names_the_option_to_fix_it(metric, what):
     with pytest.raises(CompactLMError) as info:
         choose_layers_to_drop(_hand_scores(), 4, metric)

@@ -59,9 +59,7 @@ def _reduce(x: torch.Tensor, seq_agg: str, batch_agg: str) -> torch.Tensor:
 
 def test_score_shapes_and_group_sums():
     model = tiny_model("llama")
-    scores = estimate_importance(
-        model, random_tokens(5, 16), ImportanceConfig(batch_size=2, block_sizes=(1, 2))
-    )
+    scores = estimate_importance(model, random_tokens(5, 16), ImportanceConfig(batch_size=2, block_sizes=(1, 2)))
     assert scores.mlp.shape == (4, 96)
     assert scores.heads.shape == (4, 6)
     assert scores.hidden.shape == (48,)
@@ -112,12 +110,8 @@ def test_neuron_with_zero_gate_and_up_rows_scores_zero_and_ranks_lowest():
 def test_scores_do_not_depend_on_batch_size():
     model = tiny_model("mistral")
     tokens = random_tokens(4, 16, seed=5)
-    one = estimate_importance(
-        model, tokens, ImportanceConfig(batch_size=1, block_sizes=(1, 2), depth_samples=4)
-    )
-    four = estimate_importance(
-        model, tokens, ImportanceConfig(batch_size=4, block_sizes=(1, 2), depth_samples=4)
-    )
+    one = estimate_importance(model, tokens, ImportanceConfig(batch_size=1, block_sizes=(1, 2), depth_samples=4))
+    four = estimate_importance(model, tokens, ImportanceConfig(batch_size=4, block_sizes=(1, 2), depth_samples=4))
     for name in ("mlp", "heads", "hidden"):
         torch.testing.assert_close(getattr(one, name), getattr(four, name), rtol=1e-5, atol=1e-6)
     for k in (1, 2):

@@ -14,10 +14,9 @@ from compress.checkpoint import save_checkpoint
 from compress.errors import CompactLMError
 from compress.evaluate import count_model_params
 from compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
-from compress.prune import PruneTarget, parse_layer_ranges, plan, prune
+from compress.prune import PruneTarget, needs_scores, parse_layer_ranges, plan, prune
 from tests.factory import random_tokens, tiny_config, tiny_model
-from tests.unit.conftest import FAMILIES
-from tests.unit.helpers import ATOL, expected_state_shapes, head_cols, logits, state_shapes
+from tests.unit.helpers import ATOL, FAMILIES, expected_state_shapes, head_cols, logits, state_shapes
 
 HD = 16  # head_dim of the tiny models; pruning never changes it
 
@@ -51,9 +50,7 @@ TARGETS = {
     "groups": (PruneTarget(num_query_groups=2), dict(D=48, F=96, H=4, G=2, L=4)),
     "depth": (PruneTarget(num_layers=3, depth_metric="block-influence"), dict(D=48, F=96, H=6, G=3, L=3)),
     "all": (
-        PruneTarget(
-            hidden_size=32, ffn_hidden_size=40, num_attention_heads=2, num_query_groups=2, drop_layers=(1,)
-        ),
+        PruneTarget(hidden_size=32, ffn_hidden_size=40, num_attention_heads=2, num_query_groups=2, drop_layers=(1,)),
         dict(D=32, F=40, H=2, G=2, L=3),
     ),
 }
@@ -298,9 +295,7 @@ def test_qwen3_qk_norms_are_untouched():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_types_follow_the_kept_layers(family, tmp_path):
-    overrides = (
-        dict(use_sliding_window=True, max_window_layers=2, sliding_window=8) if family == "qwen2" else {}
-    )
+    overrides = dict(use_sliding_window=True, max_window_layers=2, sliding_window=8) if family == "qwen2" else {}
     model = tiny_model(family, **overrides)
     types = getattr(model.config, "layer_types", None)
     student, record, _ = prune(model, random_scores(model.config), PruneTarget(drop_layers=(0, 3)))
@@ -347,11 +342,6 @@ def test_llama_with_attention_and_mlp_biases_prunes_every_bias(tokens):
         assert torch.equal(s.mlp.down_proj.bias, p.mlp.down_proj.bias[kept.hidden])
 
 
-@pytest.mark.xfail(
-    reason="BUG: compress/arch.py count_params ignores the o_proj bias (attention_bias) and the MLP biases "
-    "(mlp_bias), so the parameter counts in compactlm.json are too low for such models",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "family,overrides",
     [
@@ -396,9 +386,7 @@ def test_plan_names_the_config_class_when_hidden_is_not_a_multiple_of_heads():
     with pytest.raises(CompactLMError, match="LlamaConfig .*refuses the pruned shape.*multiple of"):
         plan(tiny_config("llama"), PruneTarget(hidden_size=40))
     # with heads pruned to a divisor of the new hidden size the same hidden size is fine
-    shape, config = plan(
-        tiny_config("llama"), PruneTarget(hidden_size=40, num_attention_heads=4, num_query_groups=2)
-    )
+    shape, config = plan(tiny_config("llama"), PruneTarget(hidden_size=40, num_attention_heads=4, num_query_groups=2))
     assert (shape.hidden_size, shape.num_attention_heads, shape.head_dim) == (40, 4, 16)
     assert config["head_dim"] == 16 and config["num_key_value_heads"] == 2
     assert "transformers_version" not in config and "_name_or_path" not in config
@@ -430,6 +418,22 @@ def test_prune_target_rejects_bad_values(kwargs, message):
 
 def test_prune_target_normalizes_drop_layers():
     assert PruneTarget(drop_layers=[3, 1, 3]).drop_layers == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "target,needed",
+    [
+        (PruneTarget(), False),
+        (PruneTarget(drop_layers=(1, 2)), False),
+        (PruneTarget(ffn_hidden_size=96, num_layers=4), False),  # the model's own sizes: nothing to choose
+        (PruneTarget(num_layers=3), True),
+        (PruneTarget(ffn_hidden_size=64), True),
+        (PruneTarget(num_query_groups=2, drop_layers=(0,)), True),
+        (PruneTarget(hidden_size=36), True),
+    ],
+)
+def test_needs_scores_only_when_importance_chooses_something(target, needed):
+    assert needs_scores(tiny_config("llama"), target) is needed
 
 
 @pytest.mark.parametrize(
