@@ -33,13 +33,15 @@ demo: setup
 	$(BIN)/compactlm demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
 
 lint: setup
-	$(BIN)/ruff check compactlm compress engines bench tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench-importance: setup
 	$(BIN)/python -m bench.perf.importance_overhead
