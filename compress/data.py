@@ -156,11 +156,12 @@ def load_sequences(
     seq_len: int,
     split: str = "train",
     seed: int = 0,
+    allow_fewer: bool = False,
 ):
     """`num_sequences` packed sequences of exactly `seq_len` tokens, as a LongTensor [N, seq_len].
 
     Documents are concatenated (EOS between them) and cut into fixed-length rows; only as many documents
-    as needed are read and tokenized.
+    as needed are read and tokenized. With `allow_fewer`, a smaller corpus gives all the rows it has.
     """
     import torch
 
@@ -175,6 +176,9 @@ def load_sequences(
         buffer.extend(ids)
         if len(buffer) >= need:
             break
+    if allow_fewer and len(buffer) >= seq_len:
+        num_sequences = min(num_sequences, len(buffer) // seq_len)
+        need = num_sequences * seq_len
     if len(buffer) < need:
         raise CompactLMError(
             f"data {source!s} has only {len(buffer):,} tokens in its {split!r} split, "

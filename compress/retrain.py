@@ -1,0 +1,244 @@
+"""File-level retraining jobs: distillation, teacher correction, CE training, teacher-logit caching.
+
+Each takes checkpoints (paths or bundled names) and writes a checkpoint atomically, with what was done
+appended to `compactlm.json`. Training state lives in a work folder beside OUT (`.OUT.work/`) until the run
+finishes, so an interrupted run resumes with `resume=True` and a finished one leaves only OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from compress.checkpoint import check_output, inspect_checkpoint, load_model, load_tokenizer, save_checkpoint
+from compress.data import describe, load_sequences
+from compress.distill import Distillation, DistillConfig, check_compatible, lineage
+from compress.errors import CompactLMError
+from compress.evaluate import perplexity
+from compress.progress import console, stage_progress
+from compress.teacher_cache import TeacherCache, cache_teacher_logits
+from compress.train import CrossEntropy, TrainConfig, TrainingData, distributed_from_env, train
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.work"
+
+
+def training_sequences(tokenizer, data, seq_len: int, cfg: TrainConfig, world_size: int = 1) -> torch.Tensor:
+    """The rows a run of `cfg` trains on: one epoch of them if the corpus is large enough (else it cycles)."""
+    rows = cfg.total_steps(seq_len, world_size) * cfg.global_batch(world_size)
+    return load_sequences(
+        data, tokenizer, num_sequences=rows, seq_len=seq_len, split="train", seed=cfg.seed, allow_fewer=True
+    )
+
+
+def _prepare_work_dir(out: Path, resume: bool, overwrite: bool) -> Path:
+    work = work_dir_for(out)
+    if work.exists() and not resume:
+        if not overwrite:
+            raise CompactLMError(
+                f"an earlier run left checkpoints in {work}: pass --resume to continue it, or --overwrite to start over"
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _finish(model, out: Path, work: Path, source, record: dict, overwrite: bool, dist) -> Path:
+    if dist.main:
+        save_checkpoint(model, out, source=source, operation=record, overwrite=overwrite)
+        shutil.rmtree(work, ignore_errors=True)
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return out
+
+
+def _heldout_loss(model, tokenizer, data, seq_len: int, samples: int) -> float | None:
+    if samples <= 0:
+        return None
+    heldout = load_sequences(data, tokenizer, num_sequences=samples, seq_len=seq_len, split="heldout")
+    return perplexity(model.to("cpu"), heldout).loss
+
+
+def distill_checkpoint(
+    teacher: str | os.PathLike,
+    student: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    data="python-docs",
+    seq_len: int = 256,
+    train_cfg: TrainConfig,
+    distill_cfg: DistillConfig | None = None,
+    teacher_cache: str | os.PathLike | None = None,
+    from_scratch: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    eval_samples: int = 16,
+    stop_after: int | None = None,
+) -> dict:
+    """Distill `student` from `teacher` (or train it with CE when loss='ce'); returns the record written."""
+    distill_cfg = distill_cfg or DistillConfig()
+    out = Path(out).expanduser()
+    check_output(out, overwrite)
+    teacher_path, teacher_config = inspect_checkpoint(teacher)
+    student_path, student_config = inspect_checkpoint(student)
+    check_compatible(teacher_config, student_config, teacher_path, student_path)
+    loss = distill_cfg.resolved_loss(student_config.num_hidden_layers, teacher_config.num_hidden_layers)
+    needs_teacher = loss != "ce" and (teacher_cache is None or "hidden" in loss or "embedding" in loss)
+    if teacher_cache is not None and ("hidden" in loss or "embedding" in loss):
+        raise CompactLMError(f"--loss {loss} needs the live teacher's hidden states: a logit cache cannot serve it")
+    mapping = lineage(student_path, teacher_config, student_config) if "hidden" in loss or "embedding" in loss else None
+    dist = distributed_from_env()
+    tokenizer = load_tokenizer(student_path)
+    sequences = training_sequences(tokenizer, data, seq_len, train_cfg, dist.world_size)
+    cache = None
+    if teacher_cache is not None and loss != "ce":
+        cache = TeacherCache(teacher_cache)
+        cache.check_matches(sequences, student_config.vocab_size)
+    work = _prepare_work_dir(out, resume, overwrite)
+
+    model = load_model(student_path)
+    if from_scratch:
+        model.apply(model._init_weights)  # same architecture, random init: the conventional baseline
+        model.tie_weights()
+    teacher_model = load_model(teacher_path) if needs_teacher else None
+    if teacher_model is not None:
+        teacher_model.to(dist.device)
+    objective = Distillation(
+        distill_cfg,
+        loss,
+        teacher=teacher_model,
+        cache=cache,
+        lineage=mapping,
+        student_width=student_config.hidden_size,
+        teacher_width=teacher_config.hidden_size,
+    )
+    result = train(
+        model,
+        objective,
+        TrainingData(sequences, train_cfg.seed),
+        train_cfg,
+        work,
+        resume=resume,
+        description=f"distill ({loss})" if loss != "ce" else "train (ce)",
+        stop_after=stop_after,
+    )
+    del teacher_model
+    record = {
+        "op": "distill" if loss != "ce" else "train",
+        "teacher": str(teacher_path) if loss != "ce" else None,
+        "teacher_cache": str(teacher_cache) if cache is not None else None,
+        "loss": loss,
+        "from_scratch": from_scratch,
+        "distill": asdict(distill_cfg),
+        "train": asdict(train_cfg),
+        "data": describe(data),
+        "seq_len": seq_len,
+        "sequences": int(len(sequences)),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "world_size": dist.world_size,
+        "seconds": round(result.seconds, 1),
+        "final_train_loss": result.final_loss,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if dist.main else None,
+        "history": [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in result.history],
+    }
+    _finish(model, out, work, student_path, record, overwrite, dist)
+    return record
+
+
+def correct_teacher(
+    teacher: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    data="python-docs",
+    seq_len: int = 256,
+    train_cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    eval_samples: int = 16,
+) -> dict:
+    """Teacher correction (Minitron step 1): fine-tune the teacher on the distillation data with CE."""
+    out = Path(out).expanduser()
+    check_output(out, overwrite)
+    teacher_path, _ = inspect_checkpoint(teacher)
+    dist = distributed_from_env()
+    tokenizer = load_tokenizer(teacher_path)
+    sequences = training_sequences(tokenizer, data, seq_len, train_cfg, dist.world_size)
+    work = _prepare_work_dir(out, resume, overwrite)
+    model = load_model(teacher_path)
+    before = _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if dist.main else None
+    result = train(
+        model,
+        CrossEntropy(),
+        TrainingData(sequences, train_cfg.seed),
+        train_cfg,
+        work,
+        resume=resume,
+        description="correct teacher (ce)",
+    )
+    record = {
+        "op": "correct",
+        "train": asdict(train_cfg),
+        "data": describe(data),
+        "seq_len": seq_len,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 1),
+        "final_train_loss": result.final_loss,
+        "heldout_loss_before": before,
+        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if dist.main else None,
+    }
+    _finish(model, out, work, teacher_path, record, overwrite, dist)
+    return record
+
+
+def cache_logits(
+    teacher: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    data="python-docs",
+    seq_len: int = 256,
+    train_cfg: TrainConfig,
+    top_k: int = 64,
+    value_dtype: str = "bf16",
+    overwrite: bool = False,
+) -> Path:
+    """Store the teacher's top-k logits for exactly the rows a distillation with `train_cfg` will read."""
+    out = Path(out).expanduser()
+    check_output(out, overwrite)
+    teacher_path, _ = inspect_checkpoint(teacher)
+    tokenizer = load_tokenizer(teacher_path)
+    sequences = training_sequences(tokenizer, data, seq_len, train_cfg)
+    model = load_model(teacher_path)
+    started = time.perf_counter()
+    with stage_progress() as update:
+        path = cache_teacher_logits(
+            model,
+            sequences,
+            out,
+            top_k=top_k,
+            value_dtype=value_dtype,
+            overwrite=overwrite,
+            progress=update,
+            meta={"teacher": str(teacher_path), "data": str(data), "seed": train_cfg.seed},
+        )
+    console.print(
+        f"cached top-{top_k} logits of {len(sequences)} x {seq_len} tokens in {time.perf_counter() - started:.0f} s: "
+        f"{TeacherCache(path).nbytes() / 2**20:.1f} MiB in {path}"
+    )
+    return path

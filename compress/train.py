@@ -1,0 +1,460 @@
+"""The one training loop: distillation, teacher correction, CE training and the architecture search use it.
+
+AdamW; linear warm-up then cosine decay to a minimum LR (the paper: 1e-4 -> 1e-5, 40 warm-up steps, scaled
+to short runs); gradient accumulation; clipping; optional bf16 autocast; rich progress with loss, tokens/s and
+ETA. Checkpoints (model, objective's own modules, optimizer, scheduler, data position, RNG) go to a work
+folder every `save_every` steps and on SIGINT/SIGTERM; `resume=True` continues exactly. A non-finite loss
+stops the run and keeps the last good checkpoint. Under `torchrun` it runs data-parallel (DDP; FSDP on GPUs),
+and a run on N processes equals one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from compress.errors import CompactLMError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to train."""
+
+    steps: int | None = None
+    """Optimizer steps (give this or `tokens`)."""
+    tokens: int | None = None
+    """Token budget; steps = tokens / (global batch x seq_len), rounded up."""
+    batch_size: int = 4
+    """Sequences per micro-batch, per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, per process."""
+    lr: float = 1e-4
+    """Peak learning rate (the paper's)."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay (the paper's)."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; default: the paper's 40, or 10% of a shorter run."""
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    precision: str = "auto"
+    """fp32, or bf16 autocast; auto = bf16 on CUDA, fp32 on CPU (where bf16 autocast did not pay off here)."""
+    save_every: int = 50
+    """Checkpoint every N optimizer steps (0: only on interrupt)."""
+    seed: int = 0
+    parallel: str = "ddp"
+    """Under torchrun: ddp, or fsdp (CUDA only)."""
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise CompactLMError("give exactly one of --steps and --tokens")
+        for name in ("steps", "tokens", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CompactLMError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if not 0 < self.min_lr <= self.lr:
+            raise CompactLMError(f"need 0 < --min-lr ({self.min_lr}) <= --lr ({self.lr})")
+        if self.precision not in PRECISIONS:
+            raise CompactLMError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.parallel not in PARALLEL:
+            raise CompactLMError(f"--parallel must be one of {', '.join(PARALLEL)}")
+        if self.save_every < 0:
+            raise CompactLMError("--save-every must be >= 0")
+
+    def total_steps(self, seq_len: int, world_size: int = 1) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.tokens / (self.global_batch(world_size) * seq_len)))
+
+    def global_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.grad_accum * world_size
+
+    def warmup(self, total: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(40, max(1, total // 10))
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor
+    """Row numbers of the sequences in the training set (a teacher cache is looked up by them)."""
+    input_ids: torch.Tensor
+
+
+class Objective(Protocol):
+    """What the loop minimizes. `modules()` are trained along with the model (e.g. hidden-state maps)."""
+
+    name: str
+
+    def modules(self) -> list[nn.Module]: ...
+
+    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class CrossEntropy:
+    """Next-token CE on the labels: conventional training and teacher correction."""
+
+    name = "ce"
+
+    def modules(self) -> list[nn.Module]:
+        return []
+
+    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        from compress.losses import cross_entropy
+
+        loss = cross_entropy(model(input_ids=batch.input_ids, use_cache=False).logits, batch.input_ids)
+        return loss, {"ce": loss.item()}
+
+
+class TrainingData:
+    """Packed training sequences, visited in a seeded random order, one epoch after another.
+
+    The position in the data is the optimizer step: the micro-batch for (step, micro, rank) is a pure function
+    of them, which makes resuming exact and makes N processes see what one process would with N-fold
+    accumulation.
+    """
+
+    def __init__(self, sequences: torch.Tensor, seed: int = 0):
+        if sequences.ndim != 2 or len(sequences) == 0:
+            raise CompactLMError("the training data is empty")
+        self.sequences, self.seed = sequences, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.sequences), generator=gen)}
+        return self._perms[epoch]
+
+    def micro_batch(self, step: int, micro: int, rank: int, cfg: TrainConfig, world_size: int) -> Batch:
+        start = step * cfg.global_batch(world_size) + (micro * world_size + rank) * cfg.batch_size
+        positions = range(start, start + cfg.batch_size)
+        n = len(self.sequences)
+        indices = torch.stack([self._order(p // n)[p % n] for p in positions])
+        return Batch(indices=indices, input_ids=self.sequences[indices])
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    """One row per optimizer step: step, loss, lr, tokens, seconds and the objective's parts."""
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else math.nan
+
+
+class TrainingInterrupted(CompactLMError):
+    """SIGINT/SIGTERM: a checkpoint was saved; the same command with --resume continues."""
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_from_env() -> Distributed:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on GPU); a plain run is world size 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    return Distributed(dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    warmup = cfg.warmup(total)
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (only in the main thread)."""
+    flag = {"signal": None}
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _wrap(model, dist: Distributed, cfg: TrainConfig):
+    if dist.world_size == 1:
+        return model
+    if cfg.parallel == "fsdp":
+        if dist.device.type != "cuda":
+            raise CompactLMError("--parallel fsdp needs CUDA GPUs; on CPU use ddp")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    data: TrainingData,
+    cfg: TrainConfig,
+    work_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    description: str = "train",
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `model` on `data` to minimize `objective`; checkpoints go to `work_dir/checkpoints`.
+
+    `stop_after` simulates an interruption after that many steps of this call (for tests): it saves and raises
+    TrainingInterrupted exactly as a signal would.
+    """
+    dist = distributed_from_env()
+    work_dir = Path(work_dir)
+    seq_len = data.sequences.shape[1]
+    total = cfg.total_steps(seq_len, dist.world_size)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model.to(dist.device).train()
+    extras = nn.ModuleList(objective.modules()).to(dist.device)
+    params = [p for p in list(model.parameters()) + list(extras.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=dist.device.type == "cuda"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    history: list[dict] = []
+    start_step, elapsed = 0, 0.0
+    if resume:
+        state = load_training_state(work_dir, model, extras, optimizer, scheduler, cfg)
+        if state is not None:
+            start_step, history, elapsed = state["step"], state["history"], state["seconds"]
+    wrapped = _wrap(model, dist, cfg)
+    tokens_per_step = cfg.global_batch(dist.world_size) * seq_len
+
+    progress = _progress(description, total, start_step) if dist.main else contextlib.nullcontext(None)
+    started = time.perf_counter() - elapsed
+    with _stop_on_signals() as stop, progress as bar:
+        for step in range(start_step, total):
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, parts_sum = 0.0, {}
+            for micro in range(cfg.grad_accum):
+                batch = data.micro_batch(step, micro, dist.rank, cfg, dist.world_size)
+                batch = Batch(batch.indices, batch.input_ids.to(dist.device))
+                sync = micro == cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
+                with contextlib.nullcontext() if sync else wrapped.no_sync(), _autocast(cfg, dist.device):
+                    loss, parts = objective.loss(wrapped, batch)
+                if not torch.isfinite(loss):
+                    last = history[-1]["step"] if history else None
+                    raise CompactLMError(
+                        f"the loss became {loss.item()} at step {step + 1}: training stopped. "
+                        + (f"The last good checkpoint is kept in {work_dir / 'checkpoints'}. " if last else "")
+                        + "Try a lower --lr (or fp32 precision)."
+                    )
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            row = {
+                "step": step + 1,
+                "loss": _mean_over_ranks(loss_sum / cfg.grad_accum, dist),
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens": (step + 1) * tokens_per_step,
+                "seconds": time.perf_counter() - started,
+            }
+            row |= {k: _mean_over_ranks(v / cfg.grad_accum, dist) for k, v in parts_sum.items()}
+            history.append(row)
+            if bar is not None:
+                bar(row, total)
+            interrupted = stop["signal"] or (stop_after is not None and step + 1 - start_step >= stop_after)
+            if interrupted or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total):
+                save_training_state(work_dir, model, extras, optimizer, scheduler, cfg, history, dist)
+            if interrupted:
+                raise TrainingInterrupted(
+                    f"interrupted ({stop['signal'] or 'stop_after'}) after step {step + 1} of {total}: "
+                    f"checkpoint saved in {work_dir / 'checkpoints'}; run the same command with --resume to continue"
+                )
+    model.eval()
+    return TrainResult(
+        steps=total, tokens=total * tokens_per_step, seconds=time.perf_counter() - started, history=history
+    )
+
+
+def _mean_over_ranks(value: float, dist: Distributed) -> float:
+    if dist.world_size == 1:
+        return value
+    import torch.distributed as tdist
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(tensor)
+    return tensor.item() / dist.world_size
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int, start: int):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from compress.progress import console
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(description, total=total, completed=start, loss="-", speed="-")
+        last = {"t": time.perf_counter(), "tokens": None}
+
+        def update(row: dict, total: int) -> None:
+            now = time.perf_counter()
+            speed = "-"
+            if last["tokens"] is not None:
+                speed = f"{(row['tokens'] - last['tokens']) / max(now - last['t'], 1e-9):,.0f}"
+            last.update(t=now, tokens=row["tokens"])
+            progress.update(task, completed=row["step"], loss=f"{row['loss']:.4f}", speed=speed)
+
+        yield update
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+KEEP_CHECKPOINTS = 2
+
+
+def _checkpoints(work_dir: Path) -> list[Path]:
+    folder = work_dir / "checkpoints"
+    return sorted(folder.glob("step-*")) if folder.is_dir() else []
+
+
+def _config_key(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the interrupted one."""
+    keep = ("steps", "tokens", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "seed")
+    return {k: v for k, v in asdict(cfg).items() if k in keep}
+
+
+def save_training_state(work_dir: Path, model, extras, optimizer, scheduler, cfg, history, dist: Distributed) -> None:
+    """Write a resumable checkpoint atomically (rank 0 only); keep the last two."""
+    if not dist.main:
+        return
+    from safetensors.torch import save_model
+
+    step = history[-1]["step"]
+    folder = work_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    save_model(extras, str(tmp / "extras.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    state = {
+        "step": step,
+        "config": _config_key(cfg),
+        "scheduler": scheduler.state_dict(),
+        "python_rng": random.getstate(),
+        "history": history,
+        "seconds": history[-1]["seconds"],
+    }
+    (tmp / "state.json").write_text(json.dumps(state))
+    final = folder / f"step-{step:07d}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _checkpoints(work_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(work_dir: Path, model, extras, optimizer, scheduler, cfg) -> dict | None:
+    """Restore the newest checkpoint into the given objects; None when there is none."""
+    from safetensors.torch import load_model
+
+    checkpoints = _checkpoints(work_dir)
+    if not checkpoints:
+        return None
+    latest = checkpoints[-1]
+    state = json.loads((latest / "state.json").read_text())
+    if state["config"] != _config_key(cfg):
+        changed = {k for k in state["config"] if state["config"][k] != _config_key(cfg).get(k)}
+        raise CompactLMError(
+            f"cannot resume from {latest}: it was made with other settings ({', '.join(sorted(changed))}); "
+            "run with the same settings, or without --resume and with --overwrite to start over"
+        )
+    load_model(model, str(latest / "model.safetensors"))
+    load_model(extras, str(latest / "extras.safetensors"))
+    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(torch.load(latest / "rng.pt", weights_only=True)["torch"])
+    python_rng = state["python_rng"]
+    random.setstate((python_rng[0], tuple(python_rng[1]), python_rng[2]))
+    return state
