@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from compress.cli_train import register as register_training
 from compress.errors import CompactLMError
 from compress.progress import console
 
@@ -201,3 +202,6 @@ def eval_cmd(
         else:
             frame.to_csv(out, index=False)
         console.print(f"saved to {out}")
+
+
+register_training(app)
