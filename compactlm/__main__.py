@@ -1,0 +1,5 @@
+"""`python -m compactlm` runs the CLI."""
+
+from compactlm.cli import main
+
+main()
