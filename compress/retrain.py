@@ -23,7 +23,14 @@ from compress.errors import CompactLMError
 from compress.evaluate import perplexity
 from compress.progress import console, stage_progress
 from compress.teacher_cache import TeacherCache, cache_teacher_logits
-from compress.train import CrossEntropy, TrainConfig, TrainingData, distributed_from_env, train
+from compress.train import (
+    CrossEntropy,
+    TrainConfig,
+    TrainingData,
+    distributed_from_env,
+    gather_full_model,
+    train,
+)
 
 
 def work_dir_for(out: Path) -> Path:
@@ -56,7 +63,7 @@ def peak_memory_mb() -> float:
 
 
 def _finish(model, out: Path, work: Path, source, record: dict, overwrite: bool, dist) -> Path:
-    if dist.main:
+    if dist.main and model is not None:
         save_checkpoint(model, out, source=source, operation=record, overwrite=overwrite)
         shutil.rmtree(work, ignore_errors=True)
     if dist.world_size > 1:
@@ -137,6 +144,7 @@ def distill_checkpoint(
         stop_after=stop_after,
     )
     del teacher_model
+    model = gather_full_model(model, train_cfg)
     record = {
         "op": "distill" if loss != "ce" else "train",
         "teacher": str(teacher_path) if loss != "ce" else None,
@@ -154,7 +162,7 @@ def distill_checkpoint(
         "seconds": round(result.seconds, 1),
         "final_train_loss": result.final_loss,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if dist.main else None,
+        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if model is not None else None,
         "history": [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in result.history],
     }
     _finish(model, out, work, student_path, record, overwrite, dist)
@@ -201,7 +209,7 @@ def correct_teacher(
         "seconds": round(result.seconds, 1),
         "final_train_loss": result.final_loss,
         "heldout_loss_before": before,
-        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if dist.main else None,
+        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if model is not None else None,
     }
     _finish(model, out, work, teacher_path, record, overwrite, dist)
     return record

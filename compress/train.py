@@ -285,6 +285,7 @@ def train(
         if state is not None:
             start_step, history, elapsed = state["step"], state["history"], state["seconds"]
     wrapped = _wrap(model, dist, cfg)
+    sharded = dist.world_size > 1 and cfg.parallel == "fsdp"  # no mid-run checkpoints under FSDP (yet)
     tokens_per_step = cfg.global_batch(dist.world_size) * seq_len
 
     progress = _progress(description, total, start_step) if dist.main else contextlib.nullcontext(None)
@@ -326,7 +327,8 @@ def train(
             if bar is not None:
                 bar(row, total)
             interrupted = stop["signal"] or (stop_after is not None and step + 1 - start_step >= stop_after)
-            if interrupted or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total):
+            periodic = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
+            if (interrupted or periodic) and not sharded:
                 save_training_state(work_dir, model, extras, optimizer, scheduler, cfg, history, dist)
             if interrupted:
                 raise TrainingInterrupted(
@@ -337,6 +339,22 @@ def train(
     return TrainResult(
         steps=total, tokens=total * tokens_per_step, seconds=time.perf_counter() - started, history=history
     )
+
+
+def gather_full_model(model, cfg: TrainConfig):
+    """The whole model on rank 0 after FSDP training (a collective: every rank calls it); others get None."""
+    dist = distributed_from_env()
+    if not (dist.world_size > 1 and cfg.parallel == "fsdp"):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.main:
+        return None
+    full = AutoModelForCausalLM.from_config(model.config)
+    full.load_state_dict(state)
+    return full.eval()
 
 
 def _mean_over_ranks(value: float, dist: Distributed) -> float:
