@@ -196,7 +196,9 @@ def save_checkpoint(
         finally:
             hf_logging.enable_progress_bar()
         if source:
-            for name in TOKENIZER_FILES:
+            # the tokenizer, and the kept-indices files that the history's prune records point to
+            carried = [op["kept_indices"] for op in record["history"][:-1] if op.get("kept_indices")]
+            for name in (*TOKENIZER_FILES, *carried):
                 src_file = Path(source) / name
                 if src_file.is_file() and not (tmp / name).exists():
                     shutil.copyfile(src_file, tmp / name)

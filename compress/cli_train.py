@@ -55,7 +55,7 @@ def _train_config(values: dict):
 def _options(recipe: Path | None, defaults: dict, flags: dict) -> dict:
     from compress.recipe import load_recipe, merge
 
-    values = merge(defaults, load_recipe(recipe, set(defaults)) if recipe else {}, flags)
+    values = merge(defaults, load_recipe(recipe, defaults) if recipe else {}, flags)
     if values.get("tokens") is None and values.get("steps") is None:
         raise CompactLMError("give a training length: --tokens N or --steps N (or tokens:/steps: in the recipe)")
     return values

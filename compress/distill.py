@@ -1,6 +1,6 @@
 """Knowledge distillation objectives (Minitron step 5): logits, intermediate hidden states, embeddings.
 
-A student pruned by compactlm knows where it came from: `compactlm.kept.safetensors` names, in the parent's
+A student pruned by compactlm knows where it came from: `compactlm.kept.N.safetensors` names, in the parent's
 numbering, the layers and hidden channels it kept. That gives the default layer mapping (student layer j <->
 the teacher layer it was cut from) and the initial value of the learned linear map from the student's hidden
 width to the teacher's (the selection matrix: an exact embedding of the kept channels), so a hidden-state loss
@@ -101,7 +101,13 @@ def lineage(student_path, teacher_config, student_config) -> Lineage:
         )
     from safetensors.torch import load_file
 
-    kept = load_file(str(Path(student_path) / prunes[-1].get("kept_indices", "compactlm.kept.safetensors")))
+    kept_file = Path(student_path) / prunes[-1].get("kept_indices", "compactlm.kept.safetensors")
+    if not kept_file.is_file():
+        raise CompactLMError(
+            f"{kept_file.name}, which records where the student's layers and channels came from, is missing from "
+            f"{student_path}: use --loss logit, or re-create the student with `compress prune`"
+        )
+    kept = load_file(str(kept_file))
     hidden = kept["hidden"] if student.hidden_size != teacher.hidden_size else None
     return Lineage(layers=kept["layers"].tolist(), hidden=hidden)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from compress.checkpoint import load_model, load_tokenizer, save_checkpoint
+from compress.checkpoint import load_model, load_tokenizer, read_record, save_checkpoint
 from compress.data import describe, load_sequences
 from compress.errors import CompactLMError
 from compress.evaluate import count_model_params, perplexity
@@ -77,12 +77,15 @@ def prune_checkpoint(
         scores = run_importance(model, data, samples, seq_len, cfg)
     student, record, kept = prune(model, scores, target)
 
+    parent_record = read_record(source)
+    kept_file = f"compactlm.kept.{len(parent_record['history']) if parent_record else 0}.safetensors"
+
     def write_indices(folder: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file(kept.tensors(), folder / "compactlm.kept.safetensors")
+        save_file(kept.tensors(), folder / kept_file)
 
-    record["kept_indices"] = "compactlm.kept.safetensors"
+    record["kept_indices"] = kept_file
     if random_seed is not None:
         record["importance"] = {"random": True, "seed": random_seed}
     path = save_checkpoint(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -15,13 +16,30 @@ import yaml
 from compress.errors import CompactLMError
 
 
-def load_recipe(path: str | os.PathLike, allowed: set[str]) -> dict:
-    """Read a flat YAML mapping of option -> value, checking every key against `allowed` (underscored names)."""
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: `1e-3` is a number (PyYAML's YAML 1.1 would read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_recipe(path: str | os.PathLike, allowed: set[str] | dict) -> dict:
+    """Read a flat YAML mapping of option -> value, checking every key against `allowed` (underscored names).
+
+    When `allowed` maps names to defaults, a value of another type than a non-None default is refused.
+    """
     path = Path(path)
     try:
         text = path.read_text()
-        node = yaml.compose(text)
-        values = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        values = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError as exc:
         raise CompactLMError(f"recipe {path} does not exist") from exc
     except yaml.YAMLError as exc:
@@ -40,8 +58,23 @@ def load_recipe(path: str | os.PathLike, allowed: set[str]) -> dict:
                 f"{path}:{key_node.start_mark.line + 1}: unknown key {key_node.value!r}{hint}; "
                 f"known keys: {', '.join(sorted(allowed))}"
             )
-        result[key] = values[key_node.value]
+        value = values[key_node.value]
+        default = allowed.get(key) if isinstance(allowed, dict) else None
+        if default is not None and value is not None and not _same_kind(value, default):
+            raise CompactLMError(
+                f"{path}:{key_node.start_mark.line + 1}: {key_node.value} must be a {type(default).__name__}, "
+                f"not {value!r}"
+            )
+        result[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
     return result
+
+
+def _same_kind(value, default) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def merge(defaults: dict, recipe: dict, flags: dict) -> dict:

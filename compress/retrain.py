@@ -117,10 +117,14 @@ def distill_checkpoint(
         cache.check_matches(sequences, student_config.vocab_size)
     work = _prepare_work_dir(out, resume, overwrite)
 
-    model = load_model(student_path)
-    if from_scratch:
-        model.apply(model._init_weights)  # same architecture, random init: the conventional baseline
-        model.tie_weights()
+    if from_scratch:  # same architecture, random init (the model's own initializer): the conventional baseline
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(train_cfg.seed)
+        model = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+        model.compactlm_path = str(student_path)
+    else:
+        model = load_model(student_path)
     teacher_model = load_model(teacher_path) if needs_teacher else None
     if teacher_model is not None:
         teacher_model.to(dist.device)

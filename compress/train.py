@@ -301,24 +301,30 @@ def train(
                 with contextlib.nullcontext() if sync else wrapped.no_sync(), _autocast(cfg, dist.device):
                     loss, parts = objective.loss(wrapped, batch)
                 if not torch.isfinite(loss):
-                    last = history[-1]["step"] if history else None
+                    saved = _checkpoints(work_dir)
                     raise CompactLMError(
                         f"the loss became {loss.item()} at step {step + 1}: training stopped. "
-                        + (f"The last good checkpoint is kept in {work_dir / 'checkpoints'}. " if last else "")
+                        + (
+                            f"The last good checkpoint is kept in {saved[-1]}. "
+                            if saved
+                            else "No checkpoint was saved. "
+                        )
                         + "Try a lower --lr (or fp32 precision)."
                     )
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
+            _all_reduce_grads(extras, dist)  # DDP syncs the model's gradients, not the objective's own modules'
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step trained with
             optimizer.step()
             scheduler.step()
             row = {
                 "step": step + 1,
                 "loss": _mean_over_ranks(loss_sum / cfg.grad_accum, dist),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "tokens": (step + 1) * tokens_per_step,
                 "seconds": time.perf_counter() - started,
             }
@@ -355,6 +361,17 @@ def gather_full_model(model, cfg: TrainConfig):
     full = AutoModelForCausalLM.from_config(model.config)
     full.load_state_dict(state)
     return full.eval()
+
+
+def _all_reduce_grads(module: nn.Module, dist: Distributed) -> None:
+    if dist.world_size == 1:
+        return
+    import torch.distributed as tdist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            tdist.all_reduce(p.grad)
+            p.grad /= dist.world_size
 
 
 def _mean_over_ranks(value: float, dist: Distributed) -> float:

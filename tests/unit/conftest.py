@@ -43,3 +43,19 @@ def tiny_dir(tmp_path) -> Path:
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def retrain_checkpoints(tiny_dir, tmp_path) -> dict[str, Path]:
+    """A tiny teacher with a word-level tokenizer, its student pruned by compactlm (layer 1 dropped, so 3 of 4
+    layers), and a JSONL corpus both can read: what the retraining jobs and commands take."""
+    from compress.checkpoint import load_model
+    from compress.jobs import prune_checkpoint
+    from compress.prune import PruneTarget
+    from tests.unit.helpers import english_docs, save_word_tokenizer, write_jsonl
+
+    texts = english_docs(80, words_per_doc=30)
+    save_word_tokenizer(tiny_dir, texts)
+    student = tmp_path / "student"
+    prune_checkpoint(load_model(tiny_dir), student, PruneTarget(drop_layers=(1,)))
+    return {"teacher": tiny_dir, "student": student, "corpus": write_jsonl(tmp_path / "corpus.jsonl", texts)}

@@ -113,3 +113,18 @@ def save_word_tokenizer(folder: Path, texts: list[str]) -> None:
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"]))
     assert tok.get_vocab_size() <= 256
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+
+
+def cli(*args):
+    """Run `compactlm ARGS...` in-process (typer's CliRunner); returns the click Result."""
+    from typer.testing import CliRunner
+
+    from compactlm.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def small_run(corpus: Path, steps: int = 3, eval_samples: int | None = 2) -> list[str]:
+    """Options of a seconds-long retraining run on a tiny model: 16-token rows, batch 2, held-out on 2 rows."""
+    args = ["--data", str(corpus), "--steps", str(steps), "--seq-len", "16", "--batch-size", "2"]
+    return args + (["--eval-samples", str(eval_samples)] if eval_samples is not None else [])
