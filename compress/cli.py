@@ -182,20 +182,47 @@ def eval_cmd(
     samples: SamplesOpt = 32,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchOpt = 4,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Also score multiple-choice accuracy on these BIG-bench tasks, comma-separated (`all`: every "
+            "registered one), e.g. winowhy,social_iqa,strategyqa,general_knowledge. Pulled once into the cache."
+        ),
+    ] = None,
+    task_limit: Annotated[
+        int, typer.Option(help="Examples per task: a fixed seeded subset, the same for every model.")
+    ] = 100,
     out: Annotated[Path | None, typer.Option(help="Also save the table (.csv or .parquet).")] = None,
 ) -> None:
-    """Held-out LM loss and perplexity of one or more models, side by side (the held-out split only)."""
+    """Held-out LM loss and perplexity of one or more models, side by side (the held-out split only), and
+    optionally multiple-choice task accuracy (length-normalised log-likelihood) against chance."""
     from compress.checkpoint import inspect_checkpoint
     from compress.data import check_data
     from compress.jobs import evaluate_models
     from compress.tables import results_table
+    from compress.tasks import resolve_task_names
 
     if out is not None and out.suffix not in (".csv", ".parquet"):
         raise CompactLMError("--out must end in .csv or .parquet")
+    task_names = resolve_task_names(tasks)
+    if task_limit < 1:
+        raise CompactLMError("--task-limit must be at least 1")
     paths = [inspect_checkpoint(m)[0] for m in models]  # validate every model before evaluating any
     check_data(data, split="heldout")
-    frame = evaluate_models(paths, data, samples, seq_len, batch_size, names=models)
-    console.print(results_table(frame, title=f"held-out perplexity ({data}, {samples} x {seq_len} tokens)"))
+    frame = evaluate_models(
+        paths, data, samples, seq_len, batch_size, names=models, tasks=task_names, task_limit=task_limit
+    )
+    extra = [c for c in frame.columns if c.startswith(("chance_", "n_"))]
+    title = f"held-out perplexity ({data}, {samples} x {seq_len} tokens)"
+    table = results_table(frame.drop(columns=extra), title=title + (" and task accuracy" if task_names else ""))
+    if task_names:  # chance as a last row under the accuracies
+        table.add_section()
+        first = frame.iloc[0]  # every model is scored on the same examples
+        cells = [f"{first['chance_' + c.header[4:]]:.3f}" if c.header.startswith("acc_") else "" for c in table.columns]
+        table.add_row("chance", *cells[1:])
+        counts = ", ".join(f"{t} {first['n_' + t]}" for t in task_names)
+        table.caption = f"acc_<task>: multiple-choice accuracy (mean log-prob per choice token); examples: {counts}"
+    console.print(table)
     if out is not None:
         if out.suffix == ".parquet":
             frame.to_parquet(out, index=False)

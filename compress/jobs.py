@@ -15,6 +15,7 @@ from compress.evaluate import count_model_params, perplexity
 from compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
 from compress.progress import stage_progress
 from compress.prune import PruneTarget, needs_scores, prune
+from compress.tasks import load_task, multiple_choice_accuracy
 
 
 def calibration_data(model_path, data, samples: int, seq_len: int, split: str = "train") -> torch.Tensor:
@@ -100,8 +101,23 @@ def prune_checkpoint(
     return {"path": path, "record": record, "model": student}
 
 
-def evaluate_models(paths, data, samples: int, seq_len: int, batch_size: int = 4, names=None) -> pd.DataFrame:
-    """Held-out loss/perplexity of several checkpoints on the same held-out sequences (one row each)."""
+def evaluate_models(
+    paths,
+    data,
+    samples: int,
+    seq_len: int,
+    batch_size: int = 4,
+    names=None,
+    tasks: list[str] | None = None,
+    task_limit: int | None = None,
+    task_batch_size: int = 16,
+) -> pd.DataFrame:
+    """Held-out loss/perplexity of several checkpoints on the same held-out sequences (one row each).
+
+    With `tasks` (see compress.tasks), each row also gets `acc_<task>`: multiple-choice accuracy on the same
+    `task_limit` examples of each task for every model, with `chance_<task>` and `n_<task>` (examples).
+    """
+    examples = {task: load_task(task, task_limit) for task in tasks or []}  # pulls the tasks before any model
     rows = []
     sequences, vocab = None, None
     with stage_progress() as update:
@@ -124,6 +140,19 @@ def evaluate_models(paths, data, samples: int, seq_len: int, batch_size: int = 4
                     "data": str(data),
                 }
             )
+            tokenizer = load_tokenizer(path) if examples else None
+            results = {
+                task: multiple_choice_accuracy(
+                    model,
+                    tokenizer,
+                    task_examples,
+                    task_batch_size,
+                    progress=lambda done, total, stage=f"{(names or paths)[i]}: {task}": update(stage, done, total),
+                )
+                for task, task_examples in examples.items()
+            }
+            for column, field in (("acc", "accuracy"), ("chance", "chance"), ("n", "examples")):
+                rows[-1].update({f"{column}_{task}": getattr(result, field) for task, result in results.items()})
             update("evaluate", i + 1, len(paths))
             del model
     return pd.DataFrame(rows)

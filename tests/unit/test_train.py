@@ -155,7 +155,7 @@ def test_the_optimizer_uses_the_scheduled_lr_at_each_step(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     cfg = _cfg(steps=6, warmup_steps=2)
-    result = train(_model(), CrossEntropy(), _data(), cfg, tmp_path)
+    train(_model(), CrossEntropy(), _data(), cfg, tmp_path)
     f = lr_lambda(cfg, 6)
     assert used == pytest.approx([cfg.lr * f(s) for s in range(6)])
     assert used[0] == pytest.approx(cfg.lr / 2) and used[1] == pytest.approx(cfg.lr)

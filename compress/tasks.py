@@ -1,0 +1,391 @@
+"""Multiple-choice task accuracy on BIG-bench tasks, scored by length-normalised log-likelihood.
+
+Source: the task.json files of the PyPI source package `bigbench==1.0.0` (Apache-2.0; 358 MB, of which the
+registered tasks are ~3 MB). `pull_tasks` downloads it once with `pip download` (never installs it: it
+requires TensorFlow), streams the tar and writes only the registered task files to
+`$COMPACTLM_HOME/tasks/<name>.json`; the download is deleted. pip >= 26 downloads the file but refuses to save
+it (its built metadata declares a `bleurt @ file://...` requirement); then the download is repeated with the
+older pip that Python bundles, in a throwaway venv. The file is checked against its pinned SHA-256. To work
+offline, point `COMPACTLM_BIGBENCH_SDIST` at a downloaded `bigbench-1.0.0.tar.gz`.
+
+Prompt format (zero-shot, cloze style): `task_prefix + example_input_prefix + input + example_output_prefix`
+with BIG-bench's defaults ("\\nQ: " before the input, "\\nA: " after it) where a task sets none; the input
+is stripped of surrounding whitespace, the prompt of leading whitespace, and the prompt's trailing spaces move
+to the front of every choice ("...\\nA:" + " four"), so a choice is tokenized as it would be in running text.
+The choices are NOT listed in the prompt, whatever the task's `append_choices_to_input` says: a 135M model
+scored at chance on general_knowledge with them listed (0.17 vs 0.14 on 60 examples) and well above it
+without (0.28), as lm-evaluation-harness scores small models. `parse_task(data, list_choices=None)` follows
+the task's own setting instead (each choice after `choice_prefix`, default "\\n  choice: ", in an order
+shuffled per example, seeded by the example's position in the file).
+
+Scoring: prompt and choice are tokenized separately and their ids concatenated, so the scored tokens are
+exactly the choice's; a choice's score is the mean log-probability of its tokens given the prompt (length
+normalisation: a long correct answer is not beaten by a short wrong one just for having fewer tokens). The
+highest score is the prediction (the first one on a tie). Correct choices are those with the highest
+`target_scores`; chance is the mean over examples of (correct choices / choices), the expected accuracy of a
+uniform random pick. Prompts are cut from the left so that prompt + choice fits `MAX_TOKENS` (and the model's
+context); any BOS token the tokenizer adds is kept.
+
+Subset: `load_task(name, limit, seed)` takes the first `limit` examples of the task's examples shuffled with
+`random.Random(seed)`, returned in file order: fixed for a seed, and a larger limit extends a smaller one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import CompactLMError
+from compress.models import compactlm_home
+
+BIGBENCH_SPEC = "bigbench==1.0.0"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+SDIST_ENV = "COMPACTLM_BIGBENCH_SDIST"
+MAX_TOKENS = 1024
+"""Longest prompt + choice scored, in tokens (prompts are cut from the left beyond it)."""
+
+# Task names mapped to their task.json inside the sdist (below its top folder `bigbench-1.0.0/`): multiple-choice
+# tasks (`target_scores`) in one file each, chosen for being answerable by small models.
+TASKS: dict[str, str] = {
+    name: f"bigbench/benchmark_tasks/{name}/task.json"
+    for name in (
+        "winowhy",
+        "social_iqa",
+        "strategyqa",
+        "general_knowledge",
+        "causal_judgment",
+        "date_understanding",
+        "emoji_movie",
+        "implicatures",
+        "physical_intuition",
+        "riddle_sense",
+        "sports_understanding",
+    )
+}
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    """One multiple-choice question: a prompt, the continuations scored after it, and which are right."""
+
+    prompt: str
+    choices: tuple[str, ...]
+    """Continuations of the prompt, each with its separating space (" four")."""
+    correct: frozenset[int]
+
+    @property
+    def chance(self) -> float:
+        return len(self.correct) / len(self.choices)
+
+
+@dataclass(frozen=True)
+class ChoiceAccuracy:
+    accuracy: float
+    chance: float
+    """Expected accuracy of a uniform random pick on the same examples."""
+    examples: int
+    predictions: tuple[int, ...]
+
+
+def resolve_task_names(names: str | Iterable[str] | None) -> list[str]:
+    """Task names from a list or a comma-separated string (`all`: every registered task); unknown names refused."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
+    if "all" in names:
+        return list(TASKS)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise CompactLMError(f"unknown task {', '.join(map(repr, unknown))}; known tasks: all, {', '.join(TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+def tasks_dir() -> Path:
+    return compactlm_home() / "tasks"
+
+
+def task_file(name: str) -> Path:
+    return tasks_dir() / f"{name}.json"
+
+
+def pull_tasks(names: Iterable[str] | None = None, sdist: str | os.PathLike | None = None) -> Path:
+    """Cache the task files once: every registered task is extracted from one download; returns the cache folder.
+
+    `names` (default: all) only decides whether anything is missing. `sdist` (or `$COMPACTLM_BIGBENCH_SDIST`)
+    is a local `bigbench-1.0.0.tar.gz` to read instead of downloading.
+    """
+    names = resolve_task_names(list(names) if names is not None else ["all"])
+    if all(task_file(n).is_file() for n in names):
+        return tasks_dir()
+    sdist = sdist or os.environ.get(SDIST_ENV)
+    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from compress.progress import console
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        if sdist is not None:
+            if not Path(sdist).is_file():
+                raise CompactLMError(f"{SDIST_ENV}={sdist} is not a file: point it at {BIGBENCH_SDIST}")
+            _extract(Path(sdist), tasks_dir(), progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="compactlm-bigbench-") as tmp:
+                _extract(_download(Path(tmp), progress), tasks_dir(), progress)
+    return tasks_dir()
+
+
+def _download(folder: Path, progress) -> Path:
+    """`pip download` the sdist into `folder` and check its SHA-256.
+
+    pip >= 26 builds the sdist's metadata, sees its `bleurt @ file://...` requirement and refuses to save the
+    file; the pip that this Python bundles (ensurepip, older) does not. So when this environment's pip refuses,
+    the download is repeated with the bundled pip of a throwaway virtual environment.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_SPEC]
+    output = _pip_download(sys.executable, folder, progress, "with pip")
+    if output is not None and "cannot declare direct URL dependencies" in output:
+        venv = folder / "venv"
+        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+        if made.returncode == 0:
+            output = _pip_download(str(venv / "bin" / "python"), folder, progress, "with the bundled pip")
+    sdist = folder / BIGBENCH_SDIST
+    if output is None:
+        digest = hashlib.sha256()
+        with open(sdist, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != BIGBENCH_SHA256:
+            raise CompactLMError(
+                f"the downloaded {BIGBENCH_SDIST} does not have the expected SHA-256 {BIGBENCH_SHA256}"
+            )
+        return sdist
+    reason = output.splitlines()[-1] if output else "no output"
+    raise CompactLMError(
+        f"pip could not download {BIGBENCH_SPEC} ({reason}). Download it by hand with "
+        f"`{' '.join(cmd[1:])} -d DIR` (pip < 26, or Debian's python3-pip), "
+        f"then set {SDIST_ENV}=DIR/{BIGBENCH_SDIST}"
+    )
+
+
+def _pip_download(python: str, folder: Path, progress, how: str) -> str | None:
+    """None on success, else pip's output."""
+    task = progress.add_task(f"downloading {BIGBENCH_SPEC} (358 MB) {how}", total=None)
+    proc = subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            BIGBENCH_SPEC,
+            "-d",
+            str(folder),
+            "--disable-pip-version-check",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    progress.remove_task(task)
+    if proc.returncode == 0 and (folder / BIGBENCH_SDIST).is_file():
+        return None
+    return (proc.stderr + proc.stdout).strip() or f"exit status {proc.returncode}"
+
+
+def _extract(sdist: Path, dest: Path, progress) -> None:
+    """Stream the (gzipped) tar once and write every registered task file into `dest`, each atomically."""
+    wanted = {path: name for name, path in TASKS.items()}
+    found: dict[str, bytes] = {}
+    task = progress.add_task(f"extracting {len(wanted)} task files", total=sdist.stat().st_size)
+    with open(sdist, "rb") as raw:
+        try:
+            with tarfile.open(fileobj=raw, mode="r|gz") as tar:
+                for member in tar:
+                    progress.update(task, completed=raw.tell())
+                    inner = member.name.split("/", 1)[-1]  # drop the top folder, bigbench-1.0.0/
+                    if member.isfile() and inner in wanted:
+                        found[wanted[inner]] = tar.extractfile(member).read()
+                        if len(found) == len(wanted):
+                            break
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise CompactLMError(f"{sdist} is not a readable {BIGBENCH_SDIST} ({exc})") from exc
+    missing = sorted(set(TASKS) - set(found))
+    if missing:
+        raise CompactLMError(f"{sdist} lacks the task files of {', '.join(missing)}: is it {BIGBENCH_SDIST}?")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, data in found.items():
+        tmp = dest / f".{name}.json.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_bytes(data)
+        os.replace(tmp, dest / f"{name}.json")
+    (dest / ".compactlm-pulled").write_text(
+        f"{BIGBENCH_SPEC} ({sdist.name})\nlicense: Apache-2.0\npulled: {time.strftime('%Y-%m-%d')}\n"
+    )
+    progress.update(task, completed=sdist.stat().st_size)
+
+
+def parse_task(data: dict, list_choices: bool | None = False) -> list[ChoiceExample]:
+    """The multiple-choice examples of a BIG-bench JSON task (examples without `target_scores` are skipped).
+
+    `list_choices`: also list the choices in the prompt (None: as the task's `append_choices_to_input` says).
+    """
+    task_prefix = str(data.get("task_prefix", ""))
+    input_prefix = data.get("example_input_prefix", "\nQ: ")
+    output_prefix = data.get("example_output_prefix", "\nA: ")
+    choice_prefix = data.get("choice_prefix", "\n  choice: ")
+    if list_choices is None:
+        list_choices = data.get("append_choices_to_input", True)
+    examples = []
+    for index, example in enumerate(data.get("examples", [])):
+        scores = example.get("target_scores")
+        if not scores:
+            continue
+        choices, values = list(scores), [float(v) for v in scores.values()]
+        if len(choices) < 2 or max(values) <= min(values):
+            continue  # no choice is better than another: nothing to grade
+        text = str(example["input"]).strip()
+        if list_choices:
+            listed = sorted(choices)
+            random.Random(index).shuffle(listed)
+            text += choice_prefix + choice_prefix.join(listed)
+        prompt = (task_prefix + input_prefix + text + output_prefix).lstrip()
+        stripped = prompt.rstrip(" ")
+        separator = prompt[len(stripped) :]
+        correct = frozenset(i for i, v in enumerate(values) if v == max(values))
+        examples.append(ChoiceExample(stripped, tuple(separator + c for c in choices), correct))
+    return examples
+
+
+def load_task(name: str, limit: int | None = None, seed: int = 0) -> list[ChoiceExample]:
+    """A fixed subset of a registered task: the first `limit` of its examples shuffled with `seed`, in file order."""
+    (name,) = resolve_task_names([name])
+    pull_tasks([name])
+    try:
+        examples = parse_task(json.loads(task_file(name).read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CompactLMError(
+            f"{task_file(name)} is not a valid BIG-bench task ({exc}): delete it to pull again"
+        ) from exc
+    if not examples:
+        raise CompactLMError(f"task {name} has no multiple-choice examples")
+    if limit is None or limit >= len(examples):
+        return examples
+    if limit < 1:
+        raise CompactLMError(f"the task example limit must be at least 1, not {limit}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:limit])]
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before any text (a BOS token), found by tokenizing with and without them."""
+    with_special = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+def _choice_logits(model, input_ids, attention_mask, rows, cols):
+    """Logits at the given (row, position) pairs only: the LM head runs on the scored positions, not on all."""
+    base = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is model or head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols]
+    # The supported families (Llama, Mistral, Qwen2/3) compute logits as lm_head(final hidden states), unscaled.
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head(hidden[rows, cols])
+
+
+def _encode(tokenizer, examples: Sequence[ChoiceExample], limit: int) -> list[tuple[int, int, list[int], int]]:
+    """One (example, choice, prompt + choice ids, prompt length) row per choice; prompts cut from the left."""
+    bos = _special_prefix(tokenizer)
+    rows = []
+    for e, example in enumerate(examples):
+        prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        choices = [tokenizer(c, add_special_tokens=False)["input_ids"][: limit - len(bos) - 1] for c in example.choices]
+        keep = limit - len(bos) - max(len(c) for c in choices)
+        prompt = bos + prompt[max(0, len(prompt) - keep) :]
+        if not prompt:  # the first choice token needs something to be predicted from
+            prompt = [tokenizer.eos_token_id or 0]
+        rows += [(e, c, prompt + ids, len(prompt)) for c, ids in enumerate(choices)]
+    return rows
+
+
+def _mean_logprobs(model, rows: Sequence[tuple[int, int, list[int], int]], pad_id: int):
+    """Mean log-probability of each row's choice tokens (-inf for an empty choice), in one right-padded forward."""
+    import torch
+
+    width = max(len(ids) for _, _, ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    row_idx, col_idx, targets = [], [], []
+    for b, (_, _, ids, n_prompt) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = 1
+        row_idx += [b] * (len(ids) - n_prompt)
+        col_idx += range(n_prompt - 1, len(ids) - 1)  # the logits at i predict the token at i + 1
+        targets += ids[n_prompt:]
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    counts = torch.zeros(len(rows), dtype=torch.float64)
+    if targets:
+        rows_t = torch.tensor(row_idx)
+        logits = _choice_logits(model, input_ids, mask, rows_t, torch.tensor(col_idx)).double()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
+        sums.index_add_(0, rows_t, logprobs)
+        counts.index_add_(0, rows_t, torch.ones_like(logprobs))
+    return torch.where(counts > 0, sums / counts.clamp(min=1), -torch.inf)
+
+
+def multiple_choice_accuracy(
+    model,
+    tokenizer,
+    examples: Sequence[ChoiceExample],
+    batch_size: int = 16,
+    max_tokens: int = MAX_TOKENS,
+    progress: Callable[[int, int], None] | None = None,
+) -> ChoiceAccuracy:
+    """Accuracy of `model` picking, for each example, the choice with the highest mean token log-probability.
+
+    Every prompt + choice is one row; rows are sorted by length and run `batch_size` at a time, right-padded.
+    `progress(done, total)` is called after each batch.
+    """
+    import torch
+
+    if not examples:
+        raise CompactLMError("no examples to score")
+    limit = min(max_tokens, getattr(model.config, "max_position_embeddings", None) or max_tokens)
+    rows = _encode(tokenizer, examples, limit)
+    rows.sort(key=lambda row: -len(row[2]))  # similar lengths share a batch: little padding
+    scores = torch.full((len(examples), max(len(x.choices) for x in examples)), -torch.inf, dtype=torch.float64)
+    pad_id = tokenizer.eos_token_id or 0  # padded positions are masked and never scored
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            for (e, c, _, _), score in zip(batch, _mean_logprobs(model, batch, pad_id).tolist(), strict=True):
+                scores[e, c] = score
+            if progress is not None:
+                progress(min(start + batch_size, len(rows)), len(rows))
+    predictions = tuple(int(i) for i in scores.argmax(dim=1))  # the first maximum on a tie
+    hits = sum(p in x.correct for p, x in zip(predictions, examples, strict=True))
+    return ChoiceAccuracy(
+        accuracy=hits / len(examples),
+        chance=sum(x.chance for x in examples) / len(examples),
+        examples=len(examples),
+        predictions=predictions,
+    )
