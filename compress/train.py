@@ -298,8 +298,17 @@ def train(
                 batch = data.micro_batch(step, micro, dist.rank, cfg, dist.world_size)
                 batch = Batch(batch.indices, batch.input_ids.to(dist.device))
                 sync = micro == cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
-                with contextlib.nullcontext() if sync else wrapped.no_sync(), _autocast(cfg, dist.device):
-                    loss, parts = objective.loss(wrapped, batch)
+                try:
+                    with contextlib.nullcontext() if sync else wrapped.no_sync(), _autocast(cfg, dist.device):
+                        loss, parts = objective.loss(wrapped, batch)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    if not _is_oom(exc):
+                        raise
+                    raise CompactLMError(
+                        f"out of memory at step {step + 1} ({cfg.batch_size} x {seq_len} tokens per micro-batch): "
+                        "lower --batch-size (and raise --grad-accum to keep the global batch), lower --seq-len, "
+                        "or distill from a teacher cache (--teacher-cache) to keep the teacher out of memory"
+                    ) from exc
                 if not torch.isfinite(loss):
                     saved = _checkpoints(work_dir)
                     raise CompactLMError(
@@ -361,6 +370,11 @@ def gather_full_model(model, cfg: TrainConfig):
     full = AutoModelForCausalLM.from_config(model.config)
     full.load_state_dict(state)
     return full.eval()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _all_reduce_grads(module: nn.Module, dist: Distributed) -> None:

@@ -372,3 +372,17 @@ def test_correct_teacher_fine_tunes_the_teacher_and_records_it(retrain_checkpoin
     corrected, original = load_model(out), load_model(teacher)
     assert corrected.config.num_hidden_layers == original.config.num_hidden_layers == 4
     assert not torch.equal(corrected.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+
+
+def test_out_of_memory_gives_a_hint_instead_of_a_traceback(tmp_path):
+    class Hungry:
+        name = "hungry"
+
+        def modules(self):
+            return []
+
+        def loss(self, model, batch):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    with pytest.raises(CompactLMError, match="lower --batch-size"):
+        train(_model(), Hungry(), _data(), _cfg(steps=2), tmp_path)
