@@ -272,6 +272,8 @@ def train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model.to(dist.device).train()
+    wrapped = _wrap(model, dist, cfg)  # before the optimizer: FSDP replaces the parameters with sharded ones
+    sharded = dist.world_size > 1 and cfg.parallel == "fsdp"  # no mid-run checkpoints under FSDP (yet)
     extras = nn.ModuleList(objective.modules()).to(dist.device)
     params = [p for p in list(model.parameters()) + list(extras.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -284,8 +286,6 @@ def train(
         state = load_training_state(work_dir, model, extras, optimizer, scheduler, cfg)
         if state is not None:
             start_step, history, elapsed = state["step"], state["history"], state["seconds"]
-    wrapped = _wrap(model, dist, cfg)
-    sharded = dist.world_size > 1 and cfg.parallel == "fsdp"  # no mid-run checkpoints under FSDP (yet)
     tokens_per_step = cfg.global_batch(dist.world_size) * seq_len
 
     progress = _progress(description, total, start_step) if dist.main else contextlib.nullcontext(None)
