@@ -26,15 +26,44 @@ def cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float(), input_ids[:, 1:].reshape(-1))
 
 
+class _ForwardKL(torch.autograd.Function):
+    """sum over rows of KL(softmax(t/T) || softmax(s/T)), with its gradient computed in the forward.
+
+    d/ds = (softmax(s/T) - softmax(t/T)) / T is known in closed form, so the forward keeps just that one
+    [rows, vocab] tensor and the backward only scales it. Autograd's log_softmax + kl_div would materialize and
+    differentiate several vocabulary-sized temporaries: on CPU, allocating them dominated the loss's cost.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        if temperature != 1.0:
+            s, t = s / temperature, t / temperature
+        t_log = F.log_softmax(t, dim=-1)
+        p_t = t_log.exp()
+        loss = torch.dot(p_t.view(-1), t_log.view(-1))  # sum p_t log p_t, no elementwise temporary
+        del t_log
+        s_log = F.log_softmax(s, dim=-1)
+        loss = loss - torch.dot(p_t.view(-1), s_log.view(-1))
+        grad = s_log.exp_().sub_(p_t)  # softmax(s) - p_t, in place of s_log
+        if temperature != 1.0:
+            grad.div_(temperature)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
+
+
 def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean per-token forward KL(p_teacher^T || p_student^T) * T^2 over all predicted positions."""
     s = student_logits[:, :-1].reshape(-1, student_logits.shape[-1])
-    t = teacher_logits[:, :-1].reshape(-1, teacher_logits.shape[-1])
+    t = teacher_logits[:, :-1].reshape(-1, teacher_logits.shape[-1]).detach()
     total = s.new_zeros((), dtype=torch.float32)
     for start in range(0, s.shape[0], CHUNK_ROWS):
-        s_log = F.log_softmax(s[start : start + CHUNK_ROWS].float() / temperature, dim=-1)
-        t_log = F.log_softmax(t[start : start + CHUNK_ROWS].float() / temperature, dim=-1)
-        total = total + F.kl_div(s_log, t_log, log_target=True, reduction="sum")
+        rows = slice(start, start + CHUNK_ROWS)
+        total = total + _ForwardKL.apply(s[rows].float(), t[rows].float(), float(temperature))
     return total / s.shape[0] * temperature**2
 
 
