@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+
+from bench.perf.timing import interleaved
 
 
 def main() -> None:
@@ -70,12 +71,7 @@ def main() -> None:
     }
     for fn in runs.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(runs, args.repeats)
 
     med = {name: statistics.median(v) for name, v in times.items()}
     parts = med["student train step (CE)"] + med["teacher forward"]

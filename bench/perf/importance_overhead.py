@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
+
+from bench.perf.timing import interleaved
 
 
 def main() -> None:
@@ -50,12 +51,7 @@ def main() -> None:
         "plain forward (with LM head)": lambda: plain(full=True),
     }
     plain(full=False)  # warm-up: first-call allocations and kernel selection
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(runs, args.repeats)
 
     n_tokens = tokens.numel()
     base = statistics.median(times["plain forward (base model)"])
