@@ -54,7 +54,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
     precision: str = "auto"
-    """fp32, or bf16 autocast; auto = bf16 on CUDA, fp32 on CPU (where bf16 autocast did not pay off here)."""
+    """fp32, or bf16 autocast; auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU: ask for it with bf16)."""
     save_every: int = 50
     """Checkpoint every N optimizer steps (0: only on interrupt)."""
     seed: int = 0
