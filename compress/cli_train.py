@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,6 +63,8 @@ def _options(recipe: Path | None, defaults: dict, flags: dict) -> dict:
 
 
 def _report(record: dict, out) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return
     heldout = record.get("heldout_loss")
     console.print(
         f"[green]done[/]: {record['steps']} steps, {record['tokens']:,} tokens in {record['seconds']:.0f} s; "

@@ -45,15 +45,29 @@ def training_sequences(tokenizer, data, seq_len: int, cfg: TrainConfig, world_si
     )
 
 
-def _prepare_work_dir(out: Path, resume: bool, overwrite: bool) -> Path:
+def _prepare_work_dir(out: Path, resume: bool, overwrite: bool, dist) -> Path:
+    """Rank 0 checks and creates the work folder; under torchrun every rank learns the outcome."""
     work = work_dir_for(out)
-    if work.exists() and not resume:
-        if not overwrite:
-            raise CompactLMError(
-                f"an earlier run left checkpoints in {work}: pass --resume to continue it, or --overwrite to start over"
-            )
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    problem = ""
+    if dist.main:
+        if work.exists() and not resume:
+            if overwrite:
+                shutil.rmtree(work)
+            else:
+                problem = (
+                    f"an earlier run left checkpoints in {work}: pass --resume to continue it, "
+                    "or --overwrite to start over"
+                )
+        if not problem:
+            work.mkdir(parents=True, exist_ok=True)
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        shared = [problem]
+        tdist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise CompactLMError(problem)
     return work
 
 
@@ -115,7 +129,7 @@ def distill_checkpoint(
     if teacher_cache is not None and loss != "ce":
         cache = TeacherCache(teacher_cache)
         cache.check_matches(sequences, student_config.vocab_size)
-    work = _prepare_work_dir(out, resume, overwrite)
+    work = _prepare_work_dir(out, resume, overwrite, dist)
 
     if from_scratch:  # same architecture, random init (the model's own initializer): the conventional baseline
         from transformers import AutoModelForCausalLM
@@ -191,7 +205,7 @@ def correct_teacher(
     dist = distributed_from_env()
     tokenizer = load_tokenizer(teacher_path)
     sequences = training_sequences(tokenizer, data, seq_len, train_cfg, dist.world_size)
-    work = _prepare_work_dir(out, resume, overwrite)
+    work = _prepare_work_dir(out, resume, overwrite, dist)
     model = load_model(teacher_path)
     before = _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if dist.main else None
     result = train(

@@ -159,3 +159,31 @@ def test_the_hidden_state_map_is_trained_data_parallel_too(ddp_run, tmp_path):
     parallel = torch.load(folder / "hidden.pt", weights_only=True)
     for name, value in student.state_dict().items():
         torch.testing.assert_close(parallel[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_distill_command_runs_under_torchrun(retrain_checkpoints, tmp_path):
+    """The CLI itself on 2 processes: one work folder, one output, one report, world size 2 recorded."""
+    ckpts = retrain_checkpoints
+    out = tmp_path / "ddp-distilled"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    port = _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += [
+        "--master_port",
+        str(port),
+        "-m",
+        "compactlm",
+        "compress",
+        "distill",
+        "--teacher",
+        str(ckpts["teacher"]),
+    ]
+    command += ["--student", str(ckpts["student"]), "--out", str(out), "--data", str(ckpts["corpus"])]
+    command += ["--steps", "2", "--batch-size", "1", "--seq-len", "16", "--loss", "logit+hidden", "--eval-samples", "0"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    step = json.loads((out / "compactlm.json").read_text())["history"][-1]
+    assert step["world_size"] == 2 and step["steps"] == 2 and step["tokens"] == 2 * 2 * 16
+    assert not (tmp_path / ".ddp-distilled.work").exists()
+    assert (done.stdout + done.stderr).count("done:") == 1
