@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress.errors import CompactLMError
+
 REPO = Path(__file__).resolve().parents[2]
 
 WORKER = textwrap.dedent(
@@ -187,3 +189,15 @@ def test_the_distill_command_runs_under_torchrun(retrain_checkpoints, tmp_path):
     assert step["world_size"] == 2 and step["steps"] == 2 and step["tokens"] == 2 * 2 * 16
     assert not (tmp_path / ".ddp-distilled.work").exists()
     assert (done.stdout + done.stderr).count("done:") == 1
+
+
+def test_only_rank_0_judges_and_creates_the_work_folder(tmp_path):
+    """Under torchrun, rank 1 must not see rank 0's fresh work folder as an earlier run's leftovers."""
+    from compress.retrain import _prepare_work_dir, work_dir_for
+    from compress.train import Distributed
+
+    out = tmp_path / "out"
+    work_dir_for(out).mkdir()  # as rank 0 has just made it
+    assert _prepare_work_dir(out, resume=False, overwrite=False, dist=Distributed(rank=1)) == work_dir_for(out)
+    with pytest.raises(CompactLMError, match="--resume"):
+        _prepare_work_dir(out, resume=False, overwrite=False, dist=Distributed(rank=0))
