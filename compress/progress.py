@@ -18,19 +18,24 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-@contextlib.contextmanager
-def stage_progress() -> Iterator:
-    """Yield `update(stage, done, total)`; each new stage name gets its own bar with an ETA."""
-    with Progress(
+def progress_bar(*fields: str) -> Progress:
+    """The house progress bar: description, bar, done/total, any `fields` (rich format strings), elapsed, ETA."""
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        *(TextColumn(field) for field in fields),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
-    ) as progress:
+    )
+
+
+@contextlib.contextmanager
+def stage_progress() -> Iterator:
+    """Yield `update(stage, done, total)`; each new stage name gets its own bar with an ETA."""
+    with progress_bar() as progress:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:

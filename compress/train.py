@@ -400,28 +400,9 @@ def _mean_over_ranks(value: float, dist: Distributed) -> float:
 
 @contextlib.contextmanager
 def _progress(description: str, total: int, start: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from compress.progress import progress_bar
 
-    from compress.progress import console
-
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[speed]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with progress_bar("loss {task.fields[loss]}", "{task.fields[speed]} tok/s") as progress:
         task = progress.add_task(description, total=total, completed=start, loss="-", speed="-")
         last = {"t": time.perf_counter(), "tokens": None}
 
