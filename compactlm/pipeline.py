@@ -99,9 +99,10 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
 
     console.rule("held-out evaluation")
     frame = evaluate_models(list(paths.values()), cfg.data, cfg.eval_samples, cfg.eval_seq_len, names=list(paths))
-    frame["layers"] = [load_model_config(p).num_hidden_layers for p in paths.values()]
-    frame["hidden"] = [load_model_config(p).hidden_size for p in paths.values()]
-    frame["ffn"] = [load_model_config(p).intermediate_size for p in paths.values()]
+    configs = [load_model_config(p) for p in paths.values()]
+    frame["layers"] = [c.num_hidden_layers for c in configs]
+    frame["hidden"] = [c.hidden_size for c in configs]
+    frame["ffn"] = [c.intermediate_size for c in configs]
     frame[f"greedy: {PROMPT!r}"] = [greedy_continuation(p) for p in paths.values()]
     frame.to_csv(cfg.out / "results.csv", index=False)
     console.print(
