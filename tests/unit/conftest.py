@@ -7,6 +7,11 @@ import os
 # Nothing in the unit tests may reach a model hub; set before transformers is imported by any test module.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CPU engine's exporter venv (made once by `make setup`, ~1 min) lives in the real cache, not in the
+# throwaway COMPACTLM_HOME each test gets: pin its path before that is swapped.
+from engines.openvino_export import VENV_ENV, venv_dir  # noqa: E402
+
+os.environ.setdefault(VENV_ENV, str(venv_dir()))
 
 from pathlib import Path  # noqa: E402
 

@@ -1,0 +1,98 @@
+"""build_engine: validate everything cheap first, then build into a temp folder and rename it into place."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+from compress.errors import CompactLMError
+from engines.config import BuildConfig
+from engines.manifest import Manifest, checkpoint_sha256, host_info, library_versions, write_manifest
+
+
+def model_summary(model_config) -> dict:
+    from compress.arch import count_params, family_of, shape_of
+
+    shape = shape_of(model_config)
+    return {
+        "family": family_of(model_config).model_type,
+        **dataclasses.asdict(shape),
+        "params": count_params(shape),
+        "max_position_embeddings": getattr(model_config, "max_position_embeddings", None),
+    }
+
+
+def eos_token_ids(checkpoint: Path, model_config) -> list[int]:
+    """End-of-sequence ids, from generation_config.json when there is one (it wins in transformers too)."""
+    import json
+
+    value = None
+    gen = checkpoint / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+    if value is None:
+        value = getattr(model_config, "eos_token_id", None)
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def copy_tokenizer(checkpoint: Path, out: Path) -> bool:
+    """Ship the source's tokenizer inside the engine so that an engine folder is all a runtime needs."""
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if not any((checkpoint / n).is_file() for n in names):
+        return False
+    from compress.checkpoint import load_tokenizer
+
+    load_tokenizer(checkpoint).save_pretrained(out / "tokenizer")
+    return True
+
+
+def check_limits(model_config, config: BuildConfig) -> None:
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if max_pos and config.limits.max_seq_len > max_pos:
+        raise CompactLMError(
+            f"max_seq_len {config.limits.max_seq_len} exceeds the model's max_position_embeddings {max_pos}"
+        )
+
+
+def build_engine(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, config: BuildConfig | None = None, overwrite: bool = False
+) -> Path:
+    """Compile a Hugging Face checkpoint (path or bundled name) into an engine folder with engine.json beside it."""
+    from compress.checkpoint import atomic_dir, check_output, inspect_checkpoint, read_record
+    from engines.registry import get_backend
+
+    config = config or BuildConfig()
+    backend = get_backend(config.backend)
+    config = dataclasses.replace(config, precision=backend.resolve_precision(config.precision))
+    out = check_output(out, overwrite)
+    path, model_config = inspect_checkpoint(checkpoint)
+    check_limits(model_config, config)
+    backend.check_available(config)
+    backend.check_model(model_config, config)
+
+    start = time.perf_counter()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        has_tokenizer = copy_tokenizer(path, tmp)
+        info = backend.build(path, tmp, config)
+        info.setdefault("eos_token_ids", eos_token_ids(path, model_config))
+        info["tokenizer"] = has_tokenizer
+        manifest = Manifest(
+            backend=backend.name,
+            precision=config.precision,
+            limits=config.limits,
+            tp_size=config.tp_size,
+            source={"path": str(path.resolve()), "sha256": checkpoint_sha256(path), "record": read_record(path)},
+            model=model_summary(model_config),
+            build_seconds=round(time.perf_counter() - start, 2),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            libraries=library_versions(),
+            host=host_info(),
+            backend_info=info,
+        )
+        write_manifest(tmp, manifest)
+    return out

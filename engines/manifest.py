@@ -1,0 +1,143 @@
+"""engine.json: what an engine was built from, with what, for which shapes, where and when."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import socket
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from compress.errors import CompactLMError
+from engines.config import Limits
+
+MANIFEST = "engine.json"
+FORMAT = 1
+LIBRARIES = (
+    "compactlm",
+    "torch",
+    "transformers",
+    "openvino",
+    "openvino-genai",
+    "nvidia-modelopt",
+    "tensorrt-llm",
+    "tensorrt",
+)
+
+
+@dataclass
+class Manifest:
+    backend: str
+    precision: str
+    limits: Limits
+    tp_size: int
+    source: dict
+    """path, sha256 of config + weights, and the checkpoint's compactlm.json record (None for a plain HF model)."""
+    model: dict
+    """family, shape and parameter count of the source model."""
+    build_seconds: float = 0.0
+    created: str = ""
+    libraries: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
+    backend_info: dict = field(default_factory=dict)
+    format: int = FORMAT
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["limits"] = self.limits.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = dict(data)
+        data["limits"] = Limits.from_dict(data["limits"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def describe(self) -> str:
+        params = self.model.get("params")
+        size = f"{params / 1e6:.1f}M params, " if params else ""
+        return f"{self.backend}/{self.precision} ({size}{self.model.get('num_layers', '?')} layers)"
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    folder = Path(folder).expanduser()
+    path = folder / MANIFEST
+    if not path.is_file():
+        if not folder.exists():
+            raise CompactLMError(f"{folder} does not exist")
+        raise CompactLMError(
+            f"{folder} is not a compactlm engine (no {MANIFEST}); build one with `compactlm engines build`"
+        )
+    try:
+        data = json.loads(path.read_text())
+        manifest = Manifest.from_dict(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CompactLMError(f"{path} is not a valid engine manifest: {exc}") from exc
+    if manifest.format > FORMAT:
+        raise CompactLMError(f"{path} has format {manifest.format}; this compactlm reads format <= {FORMAT}: upgrade")
+    return manifest
+
+
+def checkpoint_sha256(folder: Path) -> str:
+    """Content hash of a checkpoint: its config and weight files (names and bytes), in name order."""
+    digest = hashlib.sha256()
+    names = ["config.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_model() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # a broken CUDA setup must not stop a CPU build
+        return None
+    return None
+
+
+def host_info() -> dict:
+    return {
+        "hostname": socket.gethostname(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu_model(),
+    }

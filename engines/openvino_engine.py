@@ -1,0 +1,162 @@
+"""The `cpu` backend, the embedded default: OpenVINO GenAI's continuous-batching pipeline.
+
+Build: optimum-intel exports the checkpoint to OpenVINO IR (stateful KV cache; int8/int4 weights compressed by
+NNCF) in its own venv (engines/openvino_export.py). Run: `ContinuousBatchingPipeline` with paged attention; our
+worker adds requests between steps (continuous batching: a new request joins the running batch at the next step)
+and reads each request's new tokens after every step, which gives per-token timestamps.
+
+Precisions (weights / compute / KV cache):
+  fp32  fp32 / f32  / f32  exact: greedy tokens match transformers
+  bf16  fp32 / bf16 / u8   OpenVINO's own CPU default on AVX-512-bf16/AMX CPUs
+  int8  int8 per-channel (NNCF, data-free) / bf16 / u8
+  int4  int4 symmetric, groups of 64 (NNCF, data-free; embeddings int8) / bf16 / u8
+The prefix cache is off: a benchmark must pay for every prompt's prefill.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from compress.errors import CompactLMError
+from engines.config import BuildConfig
+from engines.manifest import Manifest
+from engines.registry import Backend, register
+from engines.runtime import Engine
+
+PRECISIONS = {
+    # precision: (exported weight format, runtime properties)
+    "fp32": ("fp32", {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}),
+    "bf16": ("fp32", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "u8"}),
+    "int8": ("int8", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "u8"}),
+    "int4": ("int4", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "u8"}),
+}
+KV_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
+
+
+def _import_genai():
+    try:
+        import openvino as ov
+        import openvino_genai as genai
+    except ImportError as exc:
+        raise CompactLMError(
+            f"the cpu backend needs openvino and openvino-genai ({exc}); `pip install -e .` installs them"
+        ) from exc
+    return ov, genai
+
+
+def kv_cache_gb(model: dict, limits, kv_precision: str) -> int:
+    """KV cache for max_batch_size sequences of max_seq_len tokens, in whole GB (what SchedulerConfig takes)."""
+    per_token = 2 * model["num_layers"] * model["num_query_groups"] * model["head_dim"] * KV_BYTES[kv_precision]
+    total = per_token * limits.max_batch_size * limits.max_seq_len * 1.1  # paging slack
+    return max(1, math.ceil(total / 1e9))
+
+
+@register
+class CpuBackend(Backend):
+    name = "cpu"
+    precisions = tuple(PRECISIONS)
+    default_precision = "fp32"
+    description = "OpenVINO GenAI continuous batching on the CPU (the embedded default)"
+
+    def check_available(self, config: BuildConfig) -> None:
+        _import_genai()
+
+    def check_model(self, model_config, config: BuildConfig) -> None:
+        if config.tp_size != 1:
+            raise CompactLMError("the cpu backend runs on one device: tp_size must be 1")
+        if config.precision == "int4":
+            from engines.openvino_export import int4_group_size
+
+            int4_group_size(model_config)
+
+    def build(self, checkpoint: Path, out: Path, config: BuildConfig) -> dict:
+        from compress.checkpoint import read_config
+        from engines.openvino_export import export_openvino
+
+        weight_format, properties = PRECISIONS[config.precision]
+        info = export_openvino(checkpoint, out / "model", weight_format, read_config(checkpoint))
+        info["properties"] = properties
+        info["prefix_caching"] = False
+        return info
+
+    def load(self, path: Path, manifest: Manifest) -> Engine:
+        return OpenVINOEngine(path, manifest)
+
+
+class OpenVINOEngine(Engine):
+    def __init__(self, path: Path, manifest: Manifest, scheduler: dict | None = None, properties: dict | None = None):
+        super().__init__(path, manifest)
+        ov, genai = _import_genai()
+        self._ov, self._genai = ov, genai
+        info = manifest.backend_info
+        self.properties = {**info.get("properties", {}), **(properties or {})}
+        kv = str(self.properties.get("KV_CACHE_PRECISION", "u8"))
+        config = genai.SchedulerConfig()
+        config.enable_prefix_caching = False
+        config.max_num_seqs = self.limits.max_batch_size
+        config.max_num_batched_tokens = self.limits.max_num_tokens
+        config.dynamic_split_fuse = True
+        config.cache_size = kv_cache_gb(manifest.model, self.limits, kv)
+        for key, value in (scheduler or {}).items():
+            setattr(config, key, value)
+        self.scheduler = config
+        try:
+            self._pipe = genai.ContinuousBatchingPipeline(str(path / "model"), config, "CPU", self.properties)
+        except RuntimeError as exc:
+            raise CompactLMError(f"OpenVINO could not load the engine in {path}: {str(exc).splitlines()[0]}") from exc
+
+    def _generation_config(self, request):
+        config = self._genai.GenerationConfig()
+        config.max_new_tokens = request.max_new_tokens
+        config.ignore_eos = request.ignore_eos
+        config.do_sample = False
+        if self.eos_token_ids:
+            config.eos_token_id = self.eos_token_ids[0]
+            config.stop_token_ids = set(self.eos_token_ids)
+        return config
+
+    def _serve(self) -> None:
+        import numpy as np
+
+        genai = self._genai
+        finished = genai.GenerationStatus.FINISHED
+        running = (genai.GenerationStatus.RUNNING, finished)
+        stop = genai.GenerationFinishReason.STOP
+        active: dict[int, tuple] = {}
+        while True:
+            for stream in self._drain(block=not active):
+                request = stream.request
+                ids = self._ov.Tensor(np.asarray([request.prompt], dtype=np.int64))
+                try:
+                    handle = self._pipe.add_request(request.id, ids, self._generation_config(request))
+                except RuntimeError as exc:
+                    stream.finish("error", str(exc).splitlines()[0])
+                    continue
+                active[request.id] = (handle, stream, ["length"])
+            if self._closed.is_set():
+                for handle, stream, _ in active.values():
+                    handle.cancel()
+                    stream.finish("cancelled")
+                return
+            if not active:
+                continue
+            self._pipe.step()
+            now = time.perf_counter()
+            for request_id, (handle, stream, reason) in list(active.items()):
+                if handle.can_read():
+                    for output in handle.read().values():
+                        stream.push(output.generated_ids, now)
+                        if output.finish_reason == stop:
+                            reason[0] = "stop"
+                status = handle.get_status()
+                if status not in running:
+                    stream.finish("error", f"OpenVINO dropped the request ({status.name})")
+                    del active[request_id]
+                elif status == finished:
+                    stream.finish(reason[0])
+                    del active[request_id]
+
+    def _release(self) -> None:
+        self._pipe = None
