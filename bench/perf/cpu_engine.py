@@ -9,7 +9,10 @@ Runs are interleaved (baseline, bare, wrapper, baseline, ...) and the median of 
 Targets (issue: engine builder): fp32 >= 2.5x transformers at batch 1 and 32; int4 >= 7x at batch 1 and 4x at
 batch 32; the wrapper within 3% of the bare engine.
 
-    python -m bench.perf.cpu_engine --engines fp32=ENGINE_DIR int4=ENGINE_DIR [--repeats 3] [--out results.json]
+    python -m bench.perf.cpu_engine --build runs/engines [--repeats 3] [--out results.json]
+    python -m bench.perf.cpu_engine --engines fp32=ENGINE_DIR int4=ENGINE_DIR ...
+
+--build DIR builds (once) the SmolLM2-135M cpu engines of every precision into DIR and measures them.
 """
 
 from __future__ import annotations
@@ -59,9 +62,26 @@ def wrapper_run(engine, prompts: np.ndarray, osl: int) -> int:
     return sum(len(c.tokens) for c in completions)
 
 
+def build_all(folder: Path, precisions: list[str], checkpoint: str, batch: int, isl: int, osl: int) -> list[str]:
+    from engines import BuildConfig, Limits, build_engine
+
+    limits = Limits(max_batch_size=batch, max_input_len=isl, max_seq_len=isl + osl, max_num_tokens=2048)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for precision in precisions:
+        out = folder / f"{checkpoint}-cpu-{precision}"
+        if not (out / "engine.json").is_file():
+            print(f"building {out}", flush=True)
+            build_engine(checkpoint, out, BuildConfig(backend="cpu", precision=precision, limits=limits))
+        items.append(f"{precision}={out}")
+    return items
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", nargs="+", required=True, help="LABEL=ENGINE_DIR of cpu engines")
+    parser.add_argument("--engines", nargs="+", default=[], help="LABEL=ENGINE_DIR of cpu engines")
+    parser.add_argument("--build", type=Path, help="build missing SmolLM2 cpu engines (fp32, bf16, int8, int4) here")
+    parser.add_argument("--precisions", default="fp32,bf16,int8,int4", help="with --build: which to measure")
     parser.add_argument("--baseline", default="smollm2-135m", help="checkpoint for transformers generate (fp32)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--isl", type=int, default=128)
@@ -76,6 +96,12 @@ def main() -> None:
     from engines import load_engine
 
     batches = [int(b) for b in args.batches.split(",")]
+    if args.build:
+        args.engines += build_all(
+            args.build, args.precisions.split(","), args.baseline, max(batches), args.isl, args.osl
+        )
+    if not args.engines:
+        raise SystemExit("give --engines LABEL=DIR ... or --build DIR")
     engines = {}
     for item in args.engines:
         label, _, path = item.partition("=")
