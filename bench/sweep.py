@@ -4,9 +4,19 @@
     scale: 8               # divide every length by this (a CPU-sized version of the same sweep)
     input_stdev: 0         # normal spread of input lengths, tokens after scaling (trtllm-bench token-norm-dist)
     output_stdev: 0
-    batch_sizes: [1, 8, 32]
+    batch_sizes: [1, 8, 32]   # concurrency levels of the batch-size sweep (and the engines' max batch size)
     repeats: 3
-    engines: [engines/smol-fp32]
+    engines: [engines/smol-fp32]   # or a mapping, name: target (an engine folder, http://..., triton://...)
+    mode: concurrency      # offline (all at once) | concurrency (batch_sizes) | rate (rates)
+    rates: [1, 2, 4]       # requests/s, rate mode
+    arrivals: poisson      # or constant
+    requests: 32           # measured requests per point (concurrency mode: at least the largest batch size),
+                           # or "4x": 4 per in-flight slot (4 x the batch size: whole waves at every batch size)
+    warmup: 2              # requests sent first at each point, not counted
+    duration: 60           # optional measurement window, seconds (concurrency/rate): requests keep coming
+    source: random         # prompt tokens: random ids, or python-docs / linux-docs text (needs a tokenizer)
+    slo: {ttft_ms: 1000, tpot_ms: 100}   # goodput counts requests that meet these (also e2e_ms)
+    out: results/sweep.parquet
 
 An engine built `--for-sweep sweep.yaml` gets limits that fit every shape here; a benchmark refuses shapes
 beyond an engine's limits before it starts.
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -26,6 +37,9 @@ from compress.recipe import _Loader
 
 DEFAULT_SHAPES = ((128, 128), (128, 2048), (2048, 128), (2048, 2048))
 STDEV_HEADROOM = 4  # lengths drawn from N(mean, sd) are clipped to mean +- 4 sd
+MODES = ("offline", "concurrency", "rate")
+ARRIVALS = ("poisson", "constant")
+SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 
 
 @dataclass(frozen=True)
@@ -37,9 +51,26 @@ class Sweep:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     repeats: int = 1
     engines: tuple[str, ...] = ()
+    """Targets: engine folders or server URLs (see bench.targets)."""
     source: str = "random"
     seed: int = 0
     extra: dict = field(default_factory=dict, compare=False)
+    names: tuple[str, ...] = ()
+    """A name per engine (the mapping form of `engines`); empty: names come from the engines' manifests."""
+    mode: str = "concurrency"
+    rates: tuple[float, ...] = ()
+    arrivals: str = "poisson"
+    requests: int | str = 32
+    """Measured requests per point, or "Nx": N times the point's concurrency (concurrency mode)."""
+    warmup: int = 2
+    duration: float | None = None
+    slo: dict = field(default_factory=dict)
+    out: str | None = None
+    tokenizer: str | None = None
+    """A tokenizer folder for remote targets (text sources, vocabulary size)."""
+    vocab_size: int | None = None
+    """Random prompts' id range for remote targets without a tokenizer."""
+    request_timeout: float = 600.0
 
     def __post_init__(self):
         if self.scale < 1:
@@ -55,6 +86,48 @@ class Sweep:
             raise CompactLMError("sweep fields 'input_stdev' and 'output_stdev' must be >= 0")
         if self.repeats < 1:
             raise CompactLMError(f"sweep field 'repeats' must be >= 1, got {self.repeats}")
+        self._check_load()
+
+    def _check_load(self) -> None:
+        if self.mode not in MODES:
+            raise CompactLMError(f"sweep field 'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.arrivals not in ARRIVALS:
+            raise CompactLMError(f"sweep field 'arrivals' must be one of {', '.join(ARRIVALS)}, got {self.arrivals!r}")
+        if self.mode == "rate" and (not self.rates or any(r <= 0 for r in self.rates)):
+            raise CompactLMError(f"sweep field 'rates' needs positive requests/s in rate mode, got {list(self.rates)}")
+        if isinstance(self.requests, str):
+            if not re.fullmatch(r"[1-9][0-9]*x", self.requests) or self.mode != "concurrency":
+                raise CompactLMError(
+                    f"sweep field 'requests' takes a count or 'Nx' (N per in-flight request, concurrency mode), "
+                    f"got {self.requests!r}"
+                )
+        elif self.requests < 1:
+            raise CompactLMError(f"sweep field 'requests' must be >= 1, got {self.requests}")
+        elif self.mode == "concurrency" and self.duration is None and self.requests < max(self.batch_sizes):
+            raise CompactLMError(
+                f"sweep field 'requests' ({self.requests}) is below the largest batch size ({max(self.batch_sizes)}): "
+                "every point needs at least one full batch"
+            )
+        if self.warmup < 0:
+            raise CompactLMError(f"sweep field 'warmup' must be >= 0, got {self.warmup}")
+        if self.duration is not None and (self.duration <= 0 or self.mode == "offline"):
+            raise CompactLMError("sweep field 'duration' must be positive, and needs mode concurrency or rate")
+        unknown = set(self.slo) - set(SLO_KEYS)
+        if unknown:
+            raise CompactLMError(
+                f"sweep field 'slo' takes {', '.join(SLO_KEYS)}; unknown: {', '.join(sorted(unknown))}"
+            )
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for v in self.slo.values()):
+            raise CompactLMError(f"sweep field 'slo' takes positive milliseconds, got {self.slo}")
+        if self.names and len(self.names) != len(self.engines):
+            raise CompactLMError("sweep field 'engines': give a name to every engine or to none")
+        if self.request_timeout <= 0:
+            raise CompactLMError(f"sweep field 'request_timeout' must be positive, got {self.request_timeout}")
+
+    def targets(self) -> list[tuple[str | None, str]]:
+        """(name or None, target string) for each engine of the sweep."""
+        names = self.names or (None,) * len(self.engines)
+        return list(zip(names, self.engines, strict=True))
 
     def scaled_shapes(self) -> list[tuple[int, int]]:
         """The ISL/OSL pairs actually run: each length divided by `scale` (at least 1 token)."""
@@ -107,20 +180,49 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             values[name] = _coerce(name, value)
         except (TypeError, ValueError) as exc:
             raise CompactLMError(f"{where}: sweep field {key!r}: {exc}") from exc
+    if isinstance(values.get("engines"), dict):
+        mapping = values.pop("engines")
+        values["names"], values["engines"] = tuple(mapping), tuple(mapping.values())
     try:
         return Sweep(**values)
     except CompactLMError as exc:
-        raise CompactLMError(f"{path}: {exc}") from exc
+        named = re.search(r"sweep field '(\w+)'", str(exc))
+        line = lines.get(named.group(1)) if named else None
+        raise CompactLMError(f"{path}:{line}: {exc}" if line else f"{path}: {exc}") from exc
 
 
 def _coerce(name: str, value):
+    if name == "engines" and isinstance(value, dict):
+        if any(not isinstance(v, str) for v in value.values()):
+            raise TypeError("every engine needs a target string (quote `null` to mean the null engine)")
+        return {str(k): v for k, v in value.items()}
+    if name == "rates":
+        if not isinstance(value, list):
+            raise TypeError("expected a list of requests/s")
+        return tuple(_number(v) for v in value)
+    if name == "requests" and isinstance(value, str):
+        return value
+    if name in ("requests", "warmup") or (name == "vocab_size" and value is not None):
+        return _int(value)
+    if name in ("request_timeout",) or (name == "duration" and value is not None):
+        return _number(value)
+    if name in ("mode", "arrivals", "source") or (name in ("out", "tokenizer") and value is not None):
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    if name == "slo":
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping like {{ttft_ms: 500, tpot_ms: 50}}, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if name == "names":
+        raise TypeError("give names with the mapping form of 'engines' (name: target)")
     if name == "shapes":
         if not isinstance(value, list):
             raise TypeError("expected a list of [ISL, OSL] pairs")
         return tuple(tuple(_int(v) for v in pair) for pair in value)
     if name in ("batch_sizes", "engines"):
         if not isinstance(value, list):
-            raise TypeError("expected a list")
+            raise TypeError("expected a list" + (" or a mapping of name: target" if name == "engines" else ""))
         return tuple(_int(v) for v in value) if name == "batch_sizes" else tuple(str(v) for v in value)
     if name in ("scale", "repeats", "seed"):
         return _int(value)
@@ -129,6 +231,12 @@ def _coerce(name: str, value):
             raise TypeError(f"expected a number, got {value!r}")
         return float(value)
     return value
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
 
 
 def _int(value) -> int:

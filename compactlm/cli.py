@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from bench.cli import app as bench_app
 from compress.cli import app as compress_app
 from compress.cli import models_app
 from compress.errors import CompactLMError
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(compress_app, name="compress")
 app.add_typer(engines_app, name="engines")
+app.add_typer(bench_app, name="bench")
 
 
 @app.command("demo")

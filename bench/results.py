@@ -1,0 +1,119 @@
+"""The results table: one tidy row per measured point (target, shape, load, repeat), appended to Parquet or CSV
+as soon as the point finishes, so a crash loses one point, not a run. Environment columns (versions, CPU/GPU,
+git commit) ride on every row, so files from several machines or runs can be concatenated and still compared.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import subprocess
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from compress.errors import CompactLMError
+
+SUFFIXES = (".parquet", ".csv")
+
+
+def git_commit(folder: Path | None = None) -> str | None:
+    """The commit of the compactlm checkout running the benchmark, `+dirty` when it has local changes."""
+    folder = folder or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+@functools.cache
+def environment() -> dict:
+    """Where and with what this benchmark runs: host, CPU/GPU, library versions, git commit."""
+    from engines.manifest import host_info, library_versions
+
+    host = host_info()
+    env = {
+        "host": host["hostname"],
+        "cpu": host["cpu"],
+        "cpu_count": host["cpu_count"],
+        "gpu": host["gpu"],
+        "os": host["os"],
+        "python": host["python"],
+        "git_commit": git_commit(),
+    }
+    env.update({f"version_{name.replace('-', '_')}": v for name, v in library_versions().items()})
+    return env
+
+
+def new_run_id() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+class ResultsFile:
+    """A results table on disk that grows a row at a time (`.parquet`: rewritten atomically; `.csv`: appended)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        if self.path.suffix not in SUFFIXES:
+            raise CompactLMError(f"results file {self.path} must end in .parquet or .csv")
+        if self.path.exists() and not self.path.is_file():
+            raise CompactLMError(f"results file {self.path} exists and is not a file")
+
+    def append(self, rows: dict | Sequence[dict]) -> None:
+        frame = pd.DataFrame([rows] if isinstance(rows, dict) else list(rows))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.suffix == ".csv" and self._csv_header_matches(frame):
+            frame.to_csv(self.path, mode="a", header=False, index=False)
+            return
+        if self.path.exists():
+            frame = pd.concat([read_table(self.path), frame], ignore_index=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if self.path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        os.replace(tmp, self.path)  # atomic: a crash leaves the previous table, never half a file
+
+    def _csv_header_matches(self, frame: pd.DataFrame) -> bool:
+        if not self.path.exists():
+            return False
+        with self.path.open() as f:
+            header = f.readline().rstrip("\n")
+        return header == ",".join(frame.columns)
+
+    def read(self) -> pd.DataFrame:
+        return read_table(self.path)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path)
+
+
+def read_results(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Several results files as one table (columns missing in some files are NaN)."""
+    frames = []
+    for path in paths:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise CompactLMError(f"results file {path} does not exist")
+        if path.suffix not in SUFFIXES:
+            raise CompactLMError(f"results file {path} must end in .parquet or .csv")
+        frames.append(read_table(path))
+    if not frames or all(f.empty for f in frames):
+        raise CompactLMError("the results files hold no rows")
+    return pd.concat(frames, ignore_index=True)
