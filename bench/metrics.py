@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from compress.errors import CompactLMError
+from engines.runtime import TokenTiming
 
 PERCENTILES = (50, 90, 99)
 LATENCIES = ("ttft", "itl", "tpot", "e2e")
@@ -29,7 +30,7 @@ STATS = ("mean", *(f"p{p}" for p in PERCENTILES))
 
 
 @dataclass
-class RequestRecord:
+class RequestRecord(TokenTiming):
     """One request as the harness saw it. Times are time.perf_counter() seconds."""
 
     task_id: int
@@ -59,19 +60,6 @@ class RequestRecord:
     @property
     def output_tokens(self) -> int:
         return len(self.token_times)
-
-    @property
-    def ttft(self) -> float | None:
-        return self.token_times[0] - self.submitted if self.token_times else None
-
-    @property
-    def e2e(self) -> float | None:
-        return self.token_times[-1] - self.submitted if self.token_times else None
-
-    @property
-    def itls(self) -> list[float]:
-        t = self.token_times
-        return [t[i + 1] - t[i] for i in range(len(t) - 1)]
 
     @property
     def tpot(self) -> float | None:
@@ -148,7 +136,7 @@ def summarize(
         "output_tokens_mean": float(np.mean([r.output_tokens for r in counted])) if counted else math.nan,
     }
     row.update(_stats("ttft", [r.ttft for r in counted]))
-    row.update(_stats("itl", [gap for r in counted for gap in r.itls]))
+    row.update(_stats("itl", [gap for r in counted for gap in r.itl]))
     row.update(_stats("tpot", [r.tpot for r in counted if r.tpot is not None]))
     row.update(_stats("e2e", [r.e2e for r in counted]))
     return row

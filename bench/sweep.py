@@ -30,10 +30,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from compress.errors import CompactLMError
-from compress.recipe import _Loader
+from compress.recipe import read_yaml
 
 DEFAULT_SHAPES = ((128, 128), (128, 2048), (2048, 128), (2048, 2048))
 STDEV_HEADROOM = 4  # lengths drawn from N(mean, sd) are clipped to mean +- 4 sd
@@ -158,14 +156,7 @@ class Sweep:
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read a sweep file; an unknown or ill-typed field is an error naming the field and its line."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text()
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except FileNotFoundError as exc:
-        raise CompactLMError(f"sweep file {path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise CompactLMError(f"sweep file {path} is not valid YAML: {exc}") from exc
+    node, data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise CompactLMError(f"sweep file {path} must be a mapping of field: value")
     lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}

@@ -30,20 +30,24 @@ _Loader.add_implicit_resolver(
 )
 
 
+def read_yaml(path: Path, what: str):
+    """The YAML node tree (for line numbers) and the values of a file, with one-line errors naming `what`."""
+    try:
+        text = path.read_text()
+        return yaml.compose(text, Loader=_Loader), yaml.load(text, Loader=_Loader)  # noqa: S506 (SafeLoader)
+    except FileNotFoundError as exc:
+        raise CompactLMError(f"{what} {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise CompactLMError(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
 def load_recipe(path: str | os.PathLike, allowed: set[str] | dict) -> dict:
     """Read a flat YAML mapping of option -> value, checking every key against `allowed` (underscored names).
 
     When `allowed` maps names to defaults, a value of another type than a non-None default is refused.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-        node = yaml.compose(text, Loader=_Loader)
-        values = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except FileNotFoundError as exc:
-        raise CompactLMError(f"recipe {path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise CompactLMError(f"recipe {path} is not valid YAML: {exc}") from exc
+    node, values = read_yaml(path, "recipe")
     if values is None:
         return {}
     if not isinstance(values, dict) or not isinstance(node, yaml.MappingNode):

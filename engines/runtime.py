@@ -35,17 +35,11 @@ class Request:
         object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
 
 
-@dataclass
-class Completion:
-    request_id: int
-    prompt_len: int
-    tokens: list[int]
-    token_times: list[float]
-    """time.perf_counter() at which each token was read from the engine (tokens of one step share a time)."""
+class TokenTiming:
+    """Latencies from `submitted` and `token_times` (perf_counter seconds): engine completions and bench records."""
+
     submitted: float
-    finish_reason: str
-    """"length", "stop" (end-of-sequence), "cancelled" or "error"."""
-    error: str | None = None
+    token_times: list[float]
 
     @property
     def ttft(self) -> float | None:
@@ -57,7 +51,21 @@ class Completion:
 
     @property
     def itl(self) -> list[float]:
+        """Gaps between consecutive tokens (0 for tokens that arrived in one chunk)."""
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+
+@dataclass
+class Completion(TokenTiming):
+    request_id: int
+    prompt_len: int
+    tokens: list[int]
+    token_times: list[float]
+    """time.perf_counter() at which each token was read from the engine (tokens of one step share a time)."""
+    submitted: float
+    finish_reason: str
+    """"length", "stop" (end-of-sequence), "cancelled" or "error"."""
+    error: str | None = None
 
 
 _END = object()

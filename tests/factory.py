@@ -47,3 +47,16 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
 
 def random_tokens(n: int = 8, length: int = 32, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one at a time (no padding), never stopping at EOS."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None
+            )
+        out.append(gen[0, len(prompt) :].tolist())
+    return out

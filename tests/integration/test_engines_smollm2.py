@@ -5,7 +5,6 @@ quantized cpu precision on held-out text."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from compress.checkpoint import load_model, load_tokenizer
 from compress.data import load_sequences
@@ -16,6 +15,7 @@ from compress.prune import PruneTarget
 from engines import BuildConfig, Limits, build_engine, load_engine
 from engines.openvino_export import is_ready
 from engines.quality import engine_perplexity
+from tests.factory import hf_greedy
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,18 +56,6 @@ def prompts(tokenizer) -> list[list[int]]:
     """8 real-text prompts of 24..52 tokens from held-out python-docs."""
     rows = load_sequences("python-docs", tokenizer, num_sequences=8, seq_len=64, split="heldout")
     return [row[: 24 + 4 * i].tolist() for i, row in enumerate(rows)]
-
-
-def hf_greedy(model, prompts, new):
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, eos_token_id=None
-            )
-        out.append(gen[0, len(prompt) :].tolist())
-    return out
 
 
 @pytest.mark.parametrize("name", ["teacher", "width", "depth"])

@@ -19,7 +19,7 @@ def record(submitted, times, expected=None, error=None, task_id=0, input_tokens=
 def test_per_request_latencies():
     r = record(1.0, [1.5, 1.6, 1.6, 1.9])
     assert r.ttft == pytest.approx(0.5) and r.e2e == pytest.approx(0.9)
-    assert r.itls == pytest.approx([0.1, 0.0, 0.3])  # tokens of one chunk share a time
+    assert r.itl == pytest.approx([0.1, 0.0, 0.3])  # tokens of one chunk share a time
     assert r.tpot == pytest.approx(0.4 / 3)
     assert r.ended == 1.9 and r.ok
 

@@ -152,7 +152,7 @@ def test_openai_chunks_without_token_ids_are_counted_by_usage(server):
     with OpenAITarget(srv.url, "m") as target:
         records = run_load(target, work(osl=5, n=2), Load("offline")).records
     assert [r.output_tokens for r in records] == [5, 5] and all(r.ok for r in records)
-    assert records[0].itls.count(0.0) >= 2  # the second token of each chunk arrived with the first
+    assert records[0].itl.count(0.0) >= 2  # the second token of each chunk arrived with the first
 
 
 def test_triton_http_generate_stream(server):

@@ -13,7 +13,7 @@ import torch
 from compress.errors import CompactLMError
 from engines import BuildConfig, Limits, Request, build_engine, load_engine, read_manifest
 from engines.openvino_export import is_ready
-from tests.factory import random_tokens, tiny_model
+from tests.factory import hf_greedy, random_tokens, tiny_model
 from tests.unit.helpers import cli, english_docs, save_word_tokenizer
 
 pytestmark = pytest.mark.skipif(
@@ -21,18 +21,6 @@ pytestmark = pytest.mark.skipif(
 )
 LIMITS = Limits(max_batch_size=8, max_input_len=48, max_seq_len=96, max_num_tokens=256)
 NEW = 32
-
-
-def hf_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    out = []
-    for prompt in prompts:  # one at a time: no padding in the reference
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, eos_token_id=None
-            )
-        out.append(gen[0, len(prompt) :].tolist())
-    return out
 
 
 def prompts_of(seed: int) -> list[list[int]]:
