@@ -37,7 +37,11 @@ def build(
     checkpoint_only: Annotated[
         bool, typer.Option("--checkpoint-only", help="trtllm: write and verify the checkpoint, skip the engine.")
     ] = False,
-    calib_data: Annotated[str, typer.Option(help="Calibration corpus for fp8 scales.")] = "python-docs",
+    calib_data: Annotated[
+        str, typer.Option(help="Calibration corpus (fp8 scales, int4 AWQ): a bundled corpus or your text.")
+    ] = "python-docs",
+    calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
+    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Compile CHECKPOINT into an engine folder OUT, with engine.json beside the engine files."""
@@ -63,6 +67,8 @@ def build(
         tp_size=tp_size,
         checkpoint_only=checkpoint_only,
         calib_dataset=calib_data,
+        calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len,
     )
     start = time.perf_counter()
     with console.status(f"building a {backend} engine from {checkpoint}"):

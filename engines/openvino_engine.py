@@ -9,7 +9,7 @@ Precisions (weights / compute / KV cache):
   fp32  fp32 / f32  / f32  exact: greedy tokens match transformers
   bf16  fp32 / bf16 / u8   OpenVINO's own CPU default on AVX-512-bf16/AMX CPUs
   int8  int8 per-channel (NNCF, data-free) / bf16 / u8
-  int4  int4 symmetric, groups of 64 (NNCF, data-free; embeddings int8) / bf16 / u8
+  int4  int4 symmetric, groups of 64 (NNCF AWQ + scale estimation on calibration text; embeddings int8) / bf16 / u8
 The prefix cache is off: a benchmark must pay for every prompt's prefill.
 """
 
@@ -76,13 +76,30 @@ class CpuBackend(Backend):
         from engines.openvino_export import export_openvino
 
         weight_format, properties = PRECISIONS[config.precision]
-        info = export_openvino(checkpoint, out / "model", weight_format, read_config(checkpoint))
+        calibration = calibration_texts(checkpoint, config) if weight_format == "int4" else None
+        info = export_openvino(checkpoint, out / "model", weight_format, read_config(checkpoint), calibration)
+        if weight_format == "int4" and not calibration:
+            info["int4_method"] = "data-free (the checkpoint has no tokenizer to read calibration text with)"
         info["properties"] = properties
         info["prefix_caching"] = False
         return info
 
     def load(self, path: Path, manifest: Manifest) -> Engine:
         return OpenVINOEngine(path, manifest)
+
+
+def calibration_texts(checkpoint: Path, config: BuildConfig) -> list[str] | None:
+    """calib_samples x calib_seq_len tokens of the calibration corpus's train split, as text (AWQ tokenizes it)."""
+    if not (checkpoint / "tokenizer.json").is_file() and not (checkpoint / "tokenizer.model").is_file():
+        return None
+    from compress.checkpoint import load_tokenizer
+    from compress.data import load_sequences
+
+    tokenizer = load_tokenizer(checkpoint)
+    rows = load_sequences(
+        config.calib_dataset, tokenizer, num_sequences=config.calib_samples, seq_len=config.calib_seq_len, split="train"
+    )
+    return [tokenizer.decode(row) for row in rows.tolist()]
 
 
 class OpenVINOEngine(Engine):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -122,11 +123,56 @@ def int4_group_size(model_config) -> int:
     raise CompactLMError(f"int4 needs matmul widths divisible by 16; this model has {widths}: use int8 or fp32")
 
 
-def export_openvino(checkpoint: Path, out: Path, weight_format: str, model_config) -> dict:
-    """Run optimum-intel's exporter: OpenVINO IR with a stateful KV cache, plus the converted tokenizer."""
+# Data-aware int4 (AWQ + scale estimation, NNCF through optimum-intel's Python API: its CLI only takes datasets
+# from the Hugging Face hub), run with the exporter venv's python.
+_INT4_AWQ = """
+import json, sys
+from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+ckpt, out, calib, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+texts = json.load(open(calib))
+config = OVWeightQuantizationConfig(
+    bits=4, sym=True, group_size=group, ratio=1.0, dataset=texts, tokenizer=ckpt,
+    awq=True, scale_estimation=True, num_samples=len(texts),
+)
+OVModelForCausalLM.from_pretrained(ckpt, export=True, quantization_config=config).save_pretrained(out)
+from transformers import AutoTokenizer
+from optimum.exporters.openvino.convert import export_tokenizer
+export_tokenizer(AutoTokenizer.from_pretrained(ckpt), out)
+"""
+
+
+def _env() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)  # compactlm's own site-packages must not leak into the exporter
+    return env
+
+
+def export_openvino(
+    checkpoint: Path, out: Path, weight_format: str, model_config, calibration: list[str] | None = None
+) -> dict:
+    """Run optimum-intel's exporter: OpenVINO IR with a stateful KV cache, plus the converted tokenizer.
+
+    int4 with `calibration` texts is data-aware (AWQ + scale estimation on those texts); without, data-free.
+    """
     if weight_format not in WEIGHT_FORMATS:
         raise CompactLMError(f"unknown weight format {weight_format!r}; choose from {', '.join(WEIGHT_FORMATS)}")
     python = ensure_exporter()
+    if weight_format == "int4" and calibration:
+        group = int4_group_size(model_config)
+        texts = out.parent / f".{out.name}.calibration.json"
+        texts.write_text(json.dumps(calibration))
+        try:
+            cmd = [str(python), "-c", _INT4_AWQ, str(checkpoint), str(out), str(texts), str(group)]
+            _run(cmd, f"exporting {checkpoint} to OpenVINO int4 (AWQ)", env=_env())
+        finally:
+            texts.unlink(missing_ok=True)
+        return {
+            "weight_format": "int4",
+            "int4_group_size": group,
+            "int4_symmetric": True,
+            "int4_method": f"AWQ + scale estimation on {len(calibration)} calibration texts",
+            "tokenizer_converted": (out / "openvino_tokenizer.xml").is_file(),
+        }
     cmd = [
         str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino",
         "--model", str(checkpoint), "--task", "text-generation-with-past", "--library", "transformers",
@@ -136,11 +182,9 @@ def export_openvino(checkpoint: Path, out: Path, weight_format: str, model_confi
     if weight_format == "int4":
         group = int4_group_size(model_config)
         cmd += ["--sym", "--group-size", str(group), "--ratio", "1.0"]
-        info.update(int4_group_size=group, int4_symmetric=True)
+        info.update(int4_group_size=group, int4_symmetric=True, int4_method="data-free")
     cmd.append(str(out))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PYTHONPATH", None)  # compactlm's own site-packages must not leak into the exporter
-    _run(cmd, f"exporting {checkpoint} to OpenVINO", env=env)
+    _run(cmd, f"exporting {checkpoint} to OpenVINO", env=_env())
     if not (out / "openvino_model.xml").is_file():
         raise CompactLMError(f"the OpenVINO export of {checkpoint} wrote no openvino_model.xml")
     info["tokenizer_converted"] = (out / "openvino_tokenizer.xml").is_file()

@@ -24,8 +24,9 @@ pytestmark = [
 LIMITS = Limits(max_batch_size=8, max_input_len=256, max_seq_len=512, max_num_tokens=1024)
 NEW = 32
 # Perplexity of each cpu precision relative to the fp32 engine on 8 x 256 held-out python-docs tokens.
-# Measured (docs/engines.md): bf16 +0.2%, int8 +1.2%, int4 +37% (data-free int4 is hard on a 135M model).
-PPL_BOUNDS = {"bf16": 0.02, "int8": 0.03, "int4": 0.45}
+# Measured (README): bf16 +0.2%, int8 +1.2%, int4 +19.6% (AWQ + scale estimation on 32 x 256 train tokens;
+# data-free int4 measured +37%: 4 bits are hard on a 135M model).
+PPL_BOUNDS = {"bf16": 0.02, "int8": 0.03, "int4": 0.30}
 
 
 @pytest.fixture(scope="module")

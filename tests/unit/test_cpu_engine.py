@@ -107,9 +107,11 @@ def test_qwen3_student_with_biases_and_qk_norm_matches(tmp_path):
 
 
 def test_int4_engine_is_smaller_and_generates(tiny, tmp_path):
-    out = build_engine(tiny["ckpt"], tmp_path / "int4", BuildConfig(precision="int4", limits=LIMITS))
-    manifest = read_manifest(out)
-    assert manifest.backend_info["weight_format"] == "int4" and manifest.backend_info["int4_group_size"] == 16
+    config = BuildConfig(precision="int4", limits=LIMITS, calib_samples=4, calib_seq_len=32)
+    out = build_engine(tiny["ckpt"], tmp_path / "int4", config)
+    info = read_manifest(out).backend_info
+    assert info["weight_format"] == "int4" and info["int4_group_size"] == 16
+    assert info["int4_method"] == "AWQ + scale estimation on 4 calibration texts"
 
     def size(folder):
         return sum(f.stat().st_size for f in (folder / "model").glob("openvino_model.bin"))
