@@ -24,7 +24,6 @@ beyond an engine's limits before it starts.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -133,12 +132,11 @@ class Sweep:
 
     def max_lengths(self) -> tuple[int, int]:
         """The longest input and the longest sequence (input + output) any request of this sweep can have."""
-        spread_in = math.ceil(STDEV_HEADROOM * self.input_stdev)
-        spread_out = math.ceil(STDEV_HEADROOM * self.output_stdev)
-        shapes = self.scaled_shapes()
-        max_input = max(isl for isl, _ in shapes) + spread_in
-        max_seq = max(isl + osl for isl, osl in shapes) + spread_in + spread_out
-        return max_input, max_seq
+        from bench.workload import WorkloadSpec  # bench.workload imports this module
+
+        stdevs = (self.input_stdev, self.output_stdev)
+        longest = [WorkloadSpec(isl, osl, *stdevs).max_lengths() for isl, osl in self.scaled_shapes()]
+        return max(i for i, _ in longest), max(i + o for i, o in longest)
 
     def limits(self, max_num_tokens: int | None = None):
         """Engine limits that fit this sweep exactly (`engines build --for-sweep`)."""

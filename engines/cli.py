@@ -151,7 +151,7 @@ def run(
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
             )
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding or a plain list
         else:
             ids = tokenizer(prompt)["input_ids"]
         stream = loaded.submit(Request(tuple(ids), max_new_tokens, ignore_eos))

@@ -41,28 +41,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from engines import BuildConfig, Limits, build_engine, load_engine
+    from bench.perf.cpu_engine import ensure_engine, fresh_prompts, wrapper_run
+    from engines import Limits, load_engine
 
     batches = [int(b) for b in args.batches.split(",")]
     limits = Limits(max_batch_size=max(batches), max_input_len=args.isl, max_seq_len=args.isl + args.osl)
     engines = {}
     for label, checkpoint in (("teacher", args.teacher), ("width", args.width), ("depth", args.depth)):
-        out = args.build / f"{label}-cpu-{args.precision}"
-        if not (out / "engine.json").is_file():
-            print(f"building {out}", flush=True)
-            args.build.mkdir(parents=True, exist_ok=True)
-            build_engine(checkpoint, out, BuildConfig(backend="cpu", precision=args.precision, limits=limits))
+        out = ensure_engine(checkpoint, args.build / f"{label}-cpu-{args.precision}", args.precision, limits)
         engines[label] = load_engine(out)
 
     rng = np.random.default_rng(0)
     vocab = engines["teacher"].manifest.model["vocab_size"]
 
     def run(engine, batch: int) -> float:
-        prompts = rng.integers(100, vocab - 100, size=(batch, args.isl)).tolist()
+        prompts = fresh_prompts(rng, batch, args.isl, vocab)
         start = time.perf_counter()
-        completions = engine.generate(prompts, args.osl, ignore_eos=True)
+        tokens = wrapper_run(engine, prompts, args.osl)
         elapsed = time.perf_counter() - start
-        tokens = sum(len(c.tokens) for c in completions)
         if tokens != batch * args.osl:
             raise SystemExit(f"{engine.name}: {tokens} output tokens, expected {batch * args.osl}")
         return tokens / elapsed

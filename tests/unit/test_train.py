@@ -145,7 +145,9 @@ def test_default_warmup_is_the_papers_40_or_a_tenth_of_a_short_run():
     assert TrainConfig(steps=100, warmup_steps=3).warmup(100) == 3
 
 
-def test_the_optimizer_uses_the_scheduled_lr_at_each_step(tmp_path, monkeypatch):
+@pytest.fixture
+def used_lrs(monkeypatch) -> list[float]:
+    """The lr of every AdamW step, in order, as the optimizer saw it."""
     used: list[float] = []
     original = torch.optim.AdamW.step
 
@@ -154,6 +156,11 @@ def test_the_optimizer_uses_the_scheduled_lr_at_each_step(tmp_path, monkeypatch)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return used
+
+
+def test_the_optimizer_uses_the_scheduled_lr_at_each_step(tmp_path, used_lrs):
+    used = used_lrs
     cfg = _cfg(steps=6, warmup_steps=2)
     train(_model(), CrossEntropy(), _data(), cfg, tmp_path)
     f = lr_lambda(cfg, 6)
@@ -161,15 +168,8 @@ def test_the_optimizer_uses_the_scheduled_lr_at_each_step(tmp_path, monkeypatch)
     assert used[0] == pytest.approx(cfg.lr / 2) and used[1] == pytest.approx(cfg.lr)
 
 
-def test_each_history_row_reports_the_lr_its_step_used(tmp_path, monkeypatch):
-    used: list[float] = []
-    original = torch.optim.AdamW.step
-
-    def spy(self, *args, **kwargs):
-        used.append(self.param_groups[0]["lr"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+def test_each_history_row_reports_the_lr_its_step_used(tmp_path, used_lrs):
+    used = used_lrs
     result = train(_model(), CrossEntropy(), _data(), _cfg(steps=4, warmup_steps=2), tmp_path)
     assert [row["lr"] for row in result.history] == pytest.approx(used)
 
