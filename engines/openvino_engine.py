@@ -33,6 +33,10 @@ PRECISIONS = {
     "int4": ("int4", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "u8"}),
 }
 KV_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
+_PIPELINES: list = []
+"""Every pipeline made in this process, kept until exit: with openvino-genai 2026.4, once a
+ContinuousBatchingPipeline has been destroyed, the next signal the process gets (Ctrl-C, SIGTERM) kills it with a
+segmentation fault. A closed engine therefore keeps its pipeline's memory until the process ends."""
 
 
 def _import_genai():
@@ -121,6 +125,7 @@ class OpenVINOEngine(Engine):
         self.scheduler = config
         try:
             self._pipe = genai.ContinuousBatchingPipeline(str(path / "model"), config, "CPU", self.properties)
+            _PIPELINES.append(self._pipe)
         except RuntimeError as exc:
             raise CompactLMError(f"OpenVINO could not load the engine in {path}: {str(exc).splitlines()[0]}") from exc
 
