@@ -10,6 +10,7 @@ and a run on N processes equals one process with the same global batch.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -187,10 +188,20 @@ def distributed_from_env() -> Distributed:
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        # Leave the group before the interpreter tears down: a gloo group destroyed by static destructors at
+        # exit can abort the process ("terminate called without an active exception") after its work is done.
+        atexit.register(_leave_process_group)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
     return Distributed(dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
