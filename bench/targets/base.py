@@ -8,13 +8,15 @@ from abc import ABC, abstractmethod
 from bench.metrics import RequestRecord
 from bench.workload import WorkloadItem
 
-# The Triton protocol (see bench.targets): tensor names and the served model's default name.
-TRITON_MODEL = "compactlm"
-TRITON_INPUT_IDS = "input_ids"
-TRITON_MAX_TOKENS = "max_tokens"
-TRITON_IGNORE_EOS = "ignore_eos"
-TRITON_OUTPUT_IDS = "output_ids"
-TRITON_FINAL = "triton_final_response"
+# The Triton protocol (engines/protocol.py, what `compactlm serve` speaks): tensor names, the served model's name.
+from engines.protocol import (  # noqa: F401 - re-exported for the targets
+    TRITON_FINAL,
+    TRITON_IGNORE_EOS,
+    TRITON_INPUT_IDS,
+    TRITON_MAX_TOKENS,
+    TRITON_MODEL,
+    TRITON_OUTPUT_IDS,
+)
 
 
 class Pending(ABC):
