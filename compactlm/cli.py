@@ -13,6 +13,7 @@ from compress.cli import app as compress_app
 from compress.cli import models_app
 from compress.errors import CompactLMError
 from engines.cli import app as engines_app
+from engines.serve_cli import app as serve_app
 
 app = typer.Typer(
     help="compactlm: prune and distill Hugging Face LLMs (Minitron), build engines, benchmark them.",
@@ -23,6 +24,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(compress_app, name="compress")
 app.add_typer(engines_app, name="engines")
 app.add_typer(bench_app, name="bench")
+app.add_typer(serve_app, name="serve")
 
 
 @app.command("demo")
