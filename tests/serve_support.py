@@ -27,6 +27,18 @@ from engines.protocol import (
 HOST = "127.0.0.1"
 
 
+def tiny_engine(root):
+    """A tiny Llama with a word tokenizer, built as a torch engine (seconds): what the serving tests serve."""
+    from engines import BuildConfig, Limits, build_engine
+    from tests.factory import tiny_model
+    from tests.unit.helpers import english_docs, save_word_tokenizer
+
+    tiny_model("llama").save_pretrained(root / "ckpt")
+    save_word_tokenizer(root / "ckpt", english_docs(40))
+    limits = Limits(max_batch_size=8, max_input_len=48, max_seq_len=96, max_num_tokens=256)
+    return build_engine(root / "ckpt", root / "tiny", BuildConfig(backend="torch", limits=limits))
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct ports free on loopback now (bound to port 0, then released)."""
     sockets = []

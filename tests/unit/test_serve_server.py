@@ -13,31 +13,28 @@ import urllib.request
 import numpy as np
 import pytest
 
-from engines import BuildConfig, Limits, build_engine, load_engine
+from engines import load_engine
 from engines.protocol import TRITON_FULL_MODEL, TRITON_MODEL
-from tests.factory import random_tokens, tiny_model
+from tests.factory import random_tokens
 from tests.serve_support import (
     HOST,
     GrpcStream,
     free_ports,
     openai_stream,
     post,
+    tiny_engine,
     triton_http_stream,
     triton_inputs,
 )
-from tests.unit.helpers import cli, english_docs, save_word_tokenizer
+from tests.unit.helpers import cli
 
 pytest.importorskip("pytriton", reason="serving needs nvidia-pytriton (a dependency: pip install -e .)")
-LIMITS = Limits(max_batch_size=8, max_input_len=48, max_seq_len=96, max_num_tokens=256)
 NEW = 12
 
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    tiny_model("llama").save_pretrained(root / "ckpt")
-    save_word_tokenizer(root / "ckpt", english_docs(40))
-    return build_engine(root / "ckpt", root / "tiny", BuildConfig(backend="torch", limits=LIMITS))
+    return tiny_engine(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
