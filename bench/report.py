@@ -335,18 +335,25 @@ def write_report(
     command: str | None = None,
 ) -> tuple[Path, Path]:
     """Write `out/report.md`, `out/report.html` and `out/figures/*.png`; return the two documents' paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = Path(out).expanduser()
-    figures = out / "figures"
-    points = point_table(frame)
-    base = choose_baseline(points, baseline)
-    speed = speedups(points, base)
     blocks: list[tuple[str, object]] = [("h1", "Benchmark report")]
     if command:
         blocks.append(("code", command))
-    blocks.append(("p", _environment_line(frame)))
+    blocks += benchmark_blocks(frame, out / "figures", baseline, evals)
+    return write_documents(blocks, out)
+
+
+def benchmark_blocks(
+    frame: pd.DataFrame, figures: Path, baseline: str | None = None, evals: pd.DataFrame | None = None
+) -> list[tuple[str, object]]:
+    """The report's body (environment, throughput, speedups, latency, accuracy), figures written to `figures`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    points = point_table(frame)
+    base = choose_baseline(points, baseline)
+    speed = speedups(points, base)
+    blocks: list[tuple[str, object]] = [("p", _environment_line(frame))]
     blocks += [("h2", "Request throughput"), ("img", plot_throughput(points, figures / "throughput.png"))]
     blocks += [("table", results_summary(points))]
     blocks.append(("p", "± is the 95% confidence interval over repeats (t distribution); latencies in milliseconds."))
@@ -365,11 +372,18 @@ def write_report(
         blocks.append(
             ("p", "Accuracy is the checkpoint's (compress eval); engines built from one checkpoint share it.")
         )
+    return blocks
+
+
+def write_documents(
+    blocks: Sequence[tuple[str, object]], out: Path, markdown: str = "report.md", page: str = "report.html"
+) -> tuple[Path, Path]:
+    """Render blocks (h1, h2, p, code, img, table, links) to Markdown and HTML in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    md, page = out / "report.md", out / "report.html"
+    md, html_page = out / markdown, out / page
     md.write_text(_render_markdown(blocks, out))
-    page.write_text(_render_html(blocks, out))
-    return md, page
+    html_page.write_text(_render_html(blocks, out))
+    return md, html_page
 
 
 def _environment_line(frame: pd.DataFrame) -> str:
@@ -402,6 +416,8 @@ def _render_markdown(blocks: Sequence[tuple[str, object]], out: Path) -> str:
             parts.append(f"![{Path(value).stem}]({Path(value).relative_to(out).as_posix()})")
         elif kind == "table":
             parts.append(_markdown_table(value))
+        elif kind == "links":
+            parts.append("\n".join(f"- [{text}]({href})" for text, href in value))
         else:
             parts.append(str(value))
     return "\n\n".join(parts) + "\n"
@@ -421,6 +437,9 @@ def _render_html(blocks: Sequence[tuple[str, object]], out: Path) -> str:
             parts.append(f'<img src="{src}" alt="{html.escape(Path(value).stem)}">')
         elif kind == "table":
             parts.append(_html_table(value))
+        elif kind == "links":
+            items = "".join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>' for text, href in value)
+            parts.append(f"<ul>{items}</ul>")
         else:
             parts.append(f"<p>{html.escape(str(value))}</p>")
     style = (
@@ -428,5 +447,6 @@ def _render_html(blocks: Sequence[tuple[str, object]], out: Path) -> str:
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
     )
     body = "\n".join(parts)
-    head = f"<meta charset='utf-8'><title>Benchmark report</title><style>{style}</style>"
+    title = next((str(value) for kind, value in blocks if kind == "h1"), "Benchmark report")
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
     return f"<!doctype html>\n<html><head>{head}</head><body>\n{body}\n</body></html>\n"

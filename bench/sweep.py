@@ -157,18 +157,22 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     node, data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise CompactLMError(f"sweep file {path} must be a mapping of field: value")
-    lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    return parse_sweep(data, {str(k.value): f"{path}:{k.start_mark.line + 1}" for k, _ in node.value}, str(path))
+
+
+def parse_sweep(data: dict, where: dict[str, str], origin: str) -> Sweep:
+    """A Sweep from a mapping read from YAML; `where` maps each key to where it was written (file:line)."""
     known = {f.name for f in fields(Sweep)} - {"extra"}
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        where = f"{path}:{lines.get(str(key), '?')}"
+        at = where.get(str(key), origin)
         if name not in known:
-            raise CompactLMError(f"{where}: unknown sweep field {key!r}; known fields: {', '.join(sorted(known))}")
+            raise CompactLMError(f"{at}: unknown sweep field {key!r}; known fields: {', '.join(sorted(known))}")
         try:
             values[name] = _coerce(name, value)
         except (TypeError, ValueError) as exc:
-            raise CompactLMError(f"{where}: sweep field {key!r}: {exc}") from exc
+            raise CompactLMError(f"{at}: sweep field {key!r}: {exc}") from exc
     if isinstance(values.get("engines"), dict):
         mapping = values.pop("engines")
         values["names"], values["engines"] = tuple(mapping), tuple(mapping.values())
@@ -176,8 +180,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         return Sweep(**values)
     except CompactLMError as exc:
         named = re.search(r"sweep field '(\w+)'", str(exc))
-        line = lines.get(named.group(1)) if named else None
-        raise CompactLMError(f"{path}:{line}: {exc}" if line else f"{path}: {exc}") from exc
+        raise CompactLMError(f"{where.get(named.group(1), origin) if named else origin}: {exc}") from exc
 
 
 def _coerce(name: str, value):

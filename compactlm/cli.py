@@ -35,13 +35,50 @@ def demo(
     eval_samples: Annotated[int, typer.Option(help="Held-out sequences for perplexity.")] = 16,
     eval_seq_len: Annotated[int, typer.Option(help="Tokens per held-out sequence.")] = 512,
 ) -> None:
-    """The main job on the embedded default: SmolLM2-135M -> importance -> width and depth students ->
-    held-out perplexity table (importance-guided and random pruning side by side)."""
-    from compactlm.pipeline import DemoConfig, run_demo
+    """One-shot pruning only: SmolLM2-135M -> importance -> width and depth students -> held-out perplexity
+    (importance-guided and random pruning side by side; no retraining). The whole job is `compactlm run`."""
+    from compactlm.prune_demo import DemoConfig, run_demo
 
     run_demo(
         DemoConfig(out=out, samples=samples, seq_len=seq_len, eval_samples=eval_samples, eval_seq_len=eval_seq_len)
     )
+
+
+@app.command("run")
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The job recipe (YAML), e.g. recipes/smollm2-minitron.yaml.")],
+    budget: Annotated[
+        str, typer.Option(help="small (the recipe as written) or a budget the recipe defines under `budgets:`.")
+    ] = "small",
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: the recipe's, or runs/NAME-BUDGET).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override one recipe value: section.key=value (repeatable), e.g. distill.tokens=8192."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Check the recipe and print the stages with estimates; run nothing.")
+    ] = False,
+) -> None:
+    """The main job: teacher correction -> importance -> width/depth students -> distillation -> evaluation ->
+    engines -> throughput sweep -> report. Resumable: killed, it continues; re-run, it redoes nothing."""
+    from compactlm.pipeline import estimates, run_job
+    from compactlm.recipe import load_job_recipe
+
+    job = load_job_recipe(recipe, budget, set_)
+    if dry_run:
+        from compress.models import is_cached
+        from compress.progress import console
+
+        plan = estimates(job, is_cached(job.teacher))
+        for name, seconds in plan.items():
+            console.print(f"  {name:<36} ~{seconds:>5.0f} s")
+        console.print(
+            f"{len(plan)} stages, ~{sum(plan.values()) / 60:.0f} min on a 2-core CPU -> {out or job.default_out()}"
+        )
+        return
+    run_job(job, out)
 
 
 def main() -> None:

@@ -1,120 +1,420 @@
-"""The main job. For now: bundled teacher -> one importance pass -> width and depth students (and the same
-shapes pruned at random, the baseline) -> held-out perplexity table. It grows with distillation, engines and
-benchmarks as they land. Resumable: finished steps found in the run folder are reused.
+"""The main job (`compactlm run RECIPE`): teacher -> teacher correction -> one importance pass -> students ->
+distillation (from cached teacher logits) -> evaluation -> engines -> throughput sweep -> report.
+
+Every stage is fingerprinted (compactlm.stages): killed, the job resumes where it stopped (training from its last
+checkpoint); re-run with nothing changed, it does no work twice; change one setting and only the stages that
+depend on it run again. The run folder holds every output, the stage records, and the resolved recipe.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
+import dataclasses
+import os
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from compress.checkpoint import load_model, load_tokenizer, read_record
-from compress.importance import ImportanceConfig, ImportanceScores
-from compress.jobs import evaluate_models, prune_checkpoint, run_importance
-from compress.models import pull
+from compactlm.recipe import JobRecipe
+from compactlm.stages import Job, claim_run_folder, write_json
+from compress.errors import CompactLMError
 from compress.progress import console
-from compress.prune import PruneTarget
-from compress.tables import depth_table, results_table
 
-TEACHER = "smollm2-135m"
-PROMPT = "The capital of France is"
+TEACHER = "teacher"
+CORRECTED = "teacher-corrected"
 
 
-@dataclass
-class DemoConfig:
-    out: Path = Path("runs/demo")
-    data: str = "python-docs"
-    samples: int = 64
-    seq_len: int = 256
-    eval_samples: int = 16
-    eval_seq_len: int = 512
-    students: dict[str, PruneTarget] = field(
-        default_factory=lambda: {
-            # ~81M: Minitron's width recipe scaled down (hidden 576 -> 432 is a multiple of the 9 heads)
-            "width": PruneTarget(hidden_size=432, ffn_hidden_size=1024),
-            # ~85M: 30 -> 16 layers, the contiguous block whose removal costs the least LM loss
-            "depth": PruneTarget(num_layers=16),
-        }
-    )
+@dataclasses.dataclass
+class Paths:
+    """Where each output of a run lives (relative to the run folder)."""
+
+    out: Path
+
+    def model(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def pruned(self, name: str) -> Path:
+        return self.out / "models" / f"{name}-pruned"
+
+    @property
+    def scores(self) -> Path:
+        return self.out / "importance" / "scores.safetensors"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "teacher-cache"
+
+    def eval(self, name: str) -> Path:
+        return self.out / "eval" / f"{name}.json"
+
+    def engine(self, name: str, precision: str) -> Path:
+        return self.out / "engines" / f"{name}-{precision}"
+
+    def sweep(self, engine: str) -> Path:
+        return self.out / "sweep" / f"{engine}.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
 
 
-def _student(cfg: DemoConfig, name: str, target: PruneTarget, teacher, scores, random_seed=None) -> Path:
-    out = cfg.out / name
-    record = read_record(out) if out.is_dir() else None
-    wanted = {k: v for k, v in target.__dict__.items() if v is not None}
-    if record and record["history"][-1].get("target") == json.loads(json.dumps(wanted)):
-        console.print(f"[dim]reusing {out}[/]")
-        return out
-    result = prune_checkpoint(
-        teacher,
-        out,
-        target,
-        scores=None if random_seed is not None else scores,
-        random_seed=random_seed,
-        overwrite=True,
-    )
-    return result["path"]
+def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
+    """Stage name -> estimated seconds on a 2-core CPU (measured there; the job rescales them as it runs)."""
+    r, plan = recipe, {}
+    plan["pull"] = 0.0 if cached_teacher else 30.0
+    if r.correction.tokens:
+        plan["correct-teacher"] = 5e-3 * r.correction.tokens + 20
+    plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
+    for name in r.students:
+        plan[f"prune/{name}"] = 10.0
+    cached = r.distill.teacher_cache
+    if cached:
+        plan["teacher-cache"] = 1.2e-3 * r.distill.tokens + 10
+    for name in r.students:
+        plan[f"distill/{name}"] = (3e-3 if cached else 4.5e-3) * r.distill.tokens + 20
+    task_examples = len(r.evaluate.tasks) * (r.evaluate.task_limit or 300)
+    for name in model_names(r):
+        plan[f"eval/{name}"] = 1e-3 * r.evaluate.samples * r.evaluate.seq_len + 0.12 * task_examples + 10
+    points = len(r.sweep.shapes) * len(r.sweep.batch_sizes) * r.sweep.repeats
+    for name in engine_models(r):
+        for precision in r.engines.precisions:
+            plan[f"engine/{name}-{precision}"] = 25.0
+            plan[f"sweep/{name}-{precision}"] = 12.0 * points
+    return plan
 
 
-def greedy_continuation(path: Path, prompt: str = PROMPT, tokens: int = 8) -> str:
-    import torch
-
-    model, tokenizer = load_model(path), load_tokenizer(path)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")
+def model_names(recipe: JobRecipe) -> list[str]:
+    """Every model evaluated: the teacher as shipped, the corrected teacher, the students."""
+    return [TEACHER, *([CORRECTED] if recipe.correction.tokens else []), *recipe.students]
 
 
-def run_demo(cfg: DemoConfig) -> pd.DataFrame:
-    started = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    teacher_path = pull(TEACHER)
-    teacher = load_model(teacher_path)
+def engine_models(recipe: JobRecipe) -> list[str]:
+    """Every model compiled and benchmarked: the teacher the students came from, and the students."""
+    return [CORRECTED if recipe.correction.tokens else TEACHER, *recipe.students]
 
-    scores_file = cfg.out / "scores.safetensors"
-    block_sizes = sorted(
-        {1} | {teacher.config.num_hidden_layers - t.num_layers for t in cfg.students.values() if t.num_layers}
-    )
-    if scores_file.is_file():
-        scores = ImportanceScores.load(scores_file)
-        console.print(f"[dim]reusing {scores_file}[/]")
-    else:
-        console.rule("importance (forward passes only)")
-        scores = run_importance(
-            teacher, cfg.data, cfg.samples, cfg.seq_len, ImportanceConfig(block_sizes=tuple(block_sizes))
-        )
-        scores.save(scores_file)
-    console.print(depth_table(scores, rows=8))
 
-    console.rule("pruning")
-    paths = {"teacher": teacher_path}
-    for name, target in cfg.students.items():
-        paths[name] = _student(cfg, name, target, teacher, scores)
-        paths[f"{name} (random)"] = _student(cfg, f"{name}-random", target, teacher, scores, random_seed=0)
+def check_recipe_against_teacher(recipe: JobRecipe, teacher: Path) -> pd.DataFrame:
+    """Every student's target checked against the teacher (before any work); the plan's shapes and sizes."""
+    from compress.arch import count_params, shape_of
+    from compress.checkpoint import inspect_checkpoint
+    from compress.prune import plan
 
-    console.rule("held-out evaluation")
-    frame = evaluate_models(list(paths.values()), cfg.data, cfg.eval_samples, cfg.eval_seq_len, names=list(paths))
-    configs = [load_model_config(p) for p in paths.values()]
-    frame["layers"] = [c.num_hidden_layers for c in configs]
-    frame["hidden"] = [c.hidden_size for c in configs]
-    frame["ffn"] = [c.intermediate_size for c in configs]
-    frame[f"greedy: {PROMPT!r}"] = [greedy_continuation(p) for p in paths.values()]
-    frame.to_csv(cfg.out / "results.csv", index=False)
-    console.print(
-        results_table(
-            frame.drop(columns=[f"greedy: {PROMPT!r}"]),
-            title=f"SmolLM2-135M students, held-out {cfg.data} ({cfg.eval_samples} x {cfg.eval_seq_len} tokens)",
-        )
-    )
-    for name, text in zip(frame["model"], frame[f"greedy: {PROMPT!r}"], strict=True):
-        console.print(f"  {name:>16}: {PROMPT} [bold]{text}[/]")
-    console.print(f"done in {time.perf_counter() - started:.0f} s; results in {cfg.out / 'results.csv'}")
+    _, config = inspect_checkpoint(teacher)
+    rows = [{"model": TEACHER, **shape_of(config).as_dict(), "params": count_params(shape_of(config))}]
+    for name, target in recipe.students.items():
+        try:
+            shape, _ = plan(config, target)
+        except CompactLMError as exc:
+            raise CompactLMError(f"student {name!r}: {exc}") from exc
+        rows.append({"model": name, **shape.as_dict(), "params": count_params(shape)})
+    frame = pd.DataFrame(rows)
+    frame["params_pct"] = 100 * frame["params"] / frame["params"].iloc[0]
+    limits = recipe.sweep.limits()
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and limits.max_seq_len > max_pos:
+        raise CompactLMError(f"sweep shapes need {limits.max_seq_len} tokens; the teacher takes {max_pos}")
     return frame
+
+
+def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
+    """Run (or resume) the whole job; returns the report's index.html."""
+    from compress.data import check_data
+    from compress.models import is_cached
+
+    out = Path(out or recipe.default_out()).expanduser()
+    check_data(recipe.data, "train")
+    check_data(recipe.data, "heldout")
+    teacher_cached = is_cached(recipe.teacher) or Path(recipe.teacher).is_dir()
+    claim_run_folder(out, recipe.name)
+    paths = Paths(out)
+    for folder in ("models", "engines", "sweep", "eval", "importance"):
+        (out / folder).mkdir(exist_ok=True)
+    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(_plain(recipe), sort_keys=False))
+    job = Job(out, estimates(recipe, teacher_cached))
+    console.print(
+        f"[bold]{recipe.name}[/] (budget {recipe.budget}) -> {out}: {len(job.plan)} stages, "
+        f"estimated {sum(job.plan.values()) / 60:.0f} min on a 2-core CPU"
+    )
+
+    teacher = _pull(job, recipe)
+    shapes = check_recipe_against_teacher(recipe, teacher)
+    from compress.tables import results_table
+
+    names = {"num_layers": "layers", "hidden_size": "hidden", "ffn_hidden_size": "MLP", "num_attention_heads": "heads"}
+    names.update(num_query_groups="KV heads", params_pct="% of teacher")
+    shapes = shapes[["model", *names, "params"]].rename(columns=names)
+    console.print(results_table(shapes, title=f"{recipe.name}: the teacher and its students"))
+    source = _correct(job, recipe, paths, teacher)
+    _importance(job, recipe, paths, source)
+    for name, target in recipe.students.items():
+        _prune(job, recipe, paths, source, name, target)
+    if recipe.distill.teacher_cache:
+        _teacher_cache(job, recipe, paths, source)
+    for name in recipe.students:
+        _distill(job, recipe, paths, source, name)
+    checkpoints = {TEACHER: teacher, **({CORRECTED: source} if recipe.correction.tokens else {})}
+    checkpoints.update({name: paths.model(name) for name in recipe.students})
+    for name, path in checkpoints.items():
+        _evaluate(job, recipe, paths, name, path)
+    for name in engine_models(recipe):
+        for precision in recipe.engines.precisions:
+            _engine(job, recipe, paths, name, checkpoints[name], precision)
+            _sweep(job, recipe, paths, name, precision)
+
+    from compactlm.report import write_job_report
+
+    index = write_job_report(recipe, out, job, shapes)
+    console.print(f"[green]done[/] in {job.elapsed / 60:.1f} min: report [bold]{index}[/]")
+    return index
+
+
+def _plain(recipe: JobRecipe) -> dict:
+    data = dataclasses.asdict(recipe)
+    data["sweep"] = {k: v for k, v in data["sweep"].items() if k not in ("extra", "engines", "names")}
+    return yaml.safe_load(yaml.safe_dump(data, default_flow_style=None, sort_keys=False, allow_unicode=True))
+
+
+def _pull(job: Job, recipe: JobRecipe) -> Path:
+    from compress.models import resolve
+    from engines.manifest import checkpoint_sha256
+
+    def run(resume: bool) -> dict:
+        path = resolve(recipe.teacher)
+        return {"path": str(path), "sha256": checkpoint_sha256(path)}
+
+    record = job.stage("pull", {"teacher": recipe.teacher}, [], run, lambda o: Path(o["path"]).is_dir())
+    return Path(record.outputs["path"])
+
+
+def _train_config(section, seed: int, **extra):
+    from compress.train import TrainConfig
+
+    return TrainConfig(
+        tokens=section.tokens,
+        batch_size=section.batch_size,
+        lr=section.lr,
+        min_lr=section.min_lr,
+        seed=seed,
+        save_every=10,
+        **extra,
+    )
+
+
+def _interrupted(exc: Exception) -> CompactLMError:
+    return CompactLMError(
+        f"{str(exc).split(': checkpoint', 1)[0]}; re-run the same command to continue where it stopped"
+    )
+
+
+def _correct(job: Job, recipe: JobRecipe, paths: Paths, teacher: Path) -> Path:
+    if not recipe.correction.tokens:
+        return teacher
+    from compress.retrain import correct_teacher
+    from compress.train import TrainingInterrupted
+
+    out = paths.model(CORRECTED)
+    cfg = recipe.correction
+
+    def run(resume: bool) -> dict:
+        try:
+            record = correct_teacher(
+                teacher,
+                out,
+                data=recipe.data,
+                seq_len=cfg.seq_len,
+                train_cfg=_train_config(cfg, recipe.seed),
+                resume=resume,
+                overwrite=True,
+                eval_samples=0,
+            )
+        except TrainingInterrupted as exc:
+            raise _interrupted(exc) from exc
+        return {"path": str(out), "tokens": record["tokens"], "final_train_loss": record["final_train_loss"]}
+
+    config = {**dataclasses.asdict(cfg), "data": recipe.data, "seed": recipe.seed}
+    job.stage("correct-teacher", config, ["pull"], run, _is_dir, f"{cfg.tokens:,} tokens of CE")
+    return out
+
+
+def _is_dir(outputs: dict) -> bool:
+    return Path(outputs["path"]).is_dir()
+
+
+def _importance(job: Job, recipe: JobRecipe, paths: Paths, source: Path) -> None:
+    from compress.checkpoint import load_model
+    from compress.importance import ImportanceConfig
+    from compress.jobs import run_importance
+
+    layers = load_model_config(source).num_hidden_layers
+    drops = sorted({1} | {layers - t.num_layers for t in recipe.students.values() if t.num_layers})
+
+    def run(resume: bool) -> dict:
+        scores = run_importance(
+            load_model(source),
+            recipe.data,
+            recipe.importance.samples,
+            recipe.importance.seq_len,
+            ImportanceConfig(block_sizes=tuple(drops)),
+        )
+        paths.scores.parent.mkdir(parents=True, exist_ok=True)
+        tmp = paths.scores.with_name(f".{paths.scores.name}.tmp")
+        scores.save(tmp)
+        os.replace(tmp, paths.scores)
+        return {"path": str(paths.scores)}
+
+    config = {**dataclasses.asdict(recipe.importance), "data": recipe.data, "block_sizes": drops}
+    deps = ["correct-teacher" if recipe.correction.tokens else "pull"]
+    job.stage("importance", config, deps, run, lambda o: Path(o["path"]).is_file(), "forward passes only")
+
+
+def _prune(job: Job, recipe: JobRecipe, paths: Paths, source: Path, name: str, target) -> None:
+    from compress.importance import ImportanceScores
+    from compress.jobs import prune_checkpoint
+
+    out = paths.pruned(name)
+
+    def run(resume: bool) -> dict:
+        result = prune_checkpoint(source, out, target, scores=ImportanceScores.load(paths.scores), overwrite=True)
+        return {"path": str(result["path"]), "params": result["record"].get("params", {})}
+
+    config = {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
+    job.stage(f"prune/{name}", config, ["importance"], run, _is_dir, _describe_target(config))
+
+
+def _describe_target(target: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in target.items() if k != "depth_metric")
+
+
+def _teacher_cache(job: Job, recipe: JobRecipe, paths: Paths, source: Path) -> None:
+    from compress.retrain import cache_logits
+
+    cfg = recipe.distill
+
+    def run(resume: bool) -> dict:
+        path = cache_logits(
+            source,
+            paths.cache,
+            data=recipe.data,
+            seq_len=cfg.seq_len,
+            train_cfg=_train_config(cfg, recipe.seed),
+            top_k=cfg.top_k,
+            overwrite=True,
+        )
+        return {"path": str(path)}
+
+    config = {"tokens": cfg.tokens, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "top_k": cfg.top_k}
+    config.update(data=recipe.data, seed=recipe.seed)
+    deps = ["correct-teacher" if recipe.correction.tokens else "pull"]
+    job.stage("teacher-cache", config, deps, run, _is_dir, f"top-{cfg.top_k} logits of {cfg.tokens:,} tokens")
+
+
+def _distill(job: Job, recipe: JobRecipe, paths: Paths, source: Path, name: str) -> None:
+    from compress.distill import DistillConfig
+    from compress.retrain import distill_checkpoint
+    from compress.train import TrainingInterrupted
+
+    cfg = recipe.distill
+    out = paths.model(name)
+
+    def run(resume: bool) -> dict:
+        try:
+            record = distill_checkpoint(
+                source,
+                paths.pruned(name),
+                out,
+                data=recipe.data,
+                seq_len=cfg.seq_len,
+                train_cfg=_train_config(cfg, recipe.seed),
+                distill_cfg=DistillConfig(loss=cfg.loss, temperature=cfg.temperature),
+                teacher_cache=paths.cache if cfg.teacher_cache else None,
+                resume=resume,
+                overwrite=True,
+                eval_samples=0,
+            )
+        except TrainingInterrupted as exc:
+            raise _interrupted(exc) from exc
+        keys = ("loss", "tokens", "steps", "seconds", "final_train_loss", "peak_memory_mb")
+        return {"path": str(out), **{k: record[k] for k in keys}}
+
+    config = {**dataclasses.asdict(cfg), "data": recipe.data, "seed": recipe.seed}
+    deps = [f"prune/{name}", *(["teacher-cache"] if cfg.teacher_cache else [])]
+    how = f"{cfg.tokens:,} tokens, {cfg.loss} loss" + (", cached teacher logits" if cfg.teacher_cache else "")
+    job.stage(f"distill/{name}", config, deps, run, _is_dir, how)
+
+
+def _checkpoint_stage(recipe: JobRecipe, name: str) -> str:
+    if name == TEACHER:
+        return "pull"
+    if name == CORRECTED:
+        return "correct-teacher"
+    return f"distill/{name}"
+
+
+def _evaluate(job: Job, recipe: JobRecipe, paths: Paths, name: str, path: Path) -> None:
+    from compress.jobs import evaluate_models
+
+    cfg = recipe.evaluate
+    out = paths.eval(name)
+
+    def run(resume: bool) -> dict:
+        frame = evaluate_models(
+            [path],
+            recipe.data,
+            cfg.samples,
+            cfg.seq_len,
+            names=[name],
+            tasks=list(cfg.tasks),
+            task_limit=cfg.task_limit,
+        )
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in frame.iloc[0].items()}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, row)
+        return {"path": str(out), **{k: v for k, v in row.items() if k in ("perplexity", "params")}}
+
+    config = {**dataclasses.asdict(cfg), "data": recipe.data}
+    job.stage(f"eval/{name}", config, [_checkpoint_stage(recipe, name)], run, lambda o: Path(o["path"]).is_file())
+
+
+def _engine(job: Job, recipe: JobRecipe, paths: Paths, name: str, checkpoint: Path, precision: str) -> None:
+    from engines.build import build_engine
+    from engines.config import BuildConfig
+
+    out = paths.engine(name, precision)
+    limits = recipe.sweep.limits()
+
+    def run(resume: bool) -> dict:
+        config = BuildConfig(backend=recipe.engines.backend, precision=precision, limits=limits)
+        build_engine(checkpoint, out, config, overwrite=True)
+        return {"path": str(out)}
+
+    config = {"backend": recipe.engines.backend, "precision": precision, "limits": dataclasses.asdict(limits)}
+    deps = [_checkpoint_stage(recipe, name)]
+    job.stage(f"engine/{name}-{precision}", config, deps, run, _is_dir, f"{recipe.engines.backend} {precision}")
+
+
+def _sweep(job: Job, recipe: JobRecipe, paths: Paths, name: str, precision: str) -> None:
+    from bench.metrics import Slo
+    from bench.runner import run_benchmark, sweep_plan
+    from bench.targets import open_target
+
+    engine = f"{name}-{precision}"
+    out = paths.sweep(engine)
+    sweep = recipe.sweep
+
+    def run(resume: bool) -> dict:
+        with open_target(str(paths.engine(name, precision)), name) as target:
+            frame = run_benchmark(target, sweep_plan(sweep), None, Slo(**sweep.slo), timeout=sweep.request_timeout)
+        frame["job"] = recipe.name
+        frame["budget"] = recipe.budget
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+        return {"path": str(out), "points": len(frame)}
+
+    config = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in ("extra", "engines", "names", "out")}
+    n = len(sweep_plan(sweep))
+    job.stage(f"sweep/{engine}", config, [f"engine/{engine}"], run, lambda o: Path(o["path"]).is_file(), f"{n} points")
 
 
 def load_model_config(path: Path):

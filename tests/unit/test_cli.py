@@ -41,7 +41,7 @@ def test_the_command_tree_is_walked():
         ("compress", "eval"),
         ("models", "list"),
     } <= set(COMMAND_PATHS)
-    assert ("demo",) in COMMAND_PATHS and () in COMMAND_PATHS
+    assert ("demo",) in COMMAND_PATHS and ("run",) in COMMAND_PATHS and () in COMMAND_PATHS
 
 
 @pytest.mark.parametrize("path", COMMAND_PATHS, ids=lambda p: " ".join(p) or "compactlm")
