@@ -136,4 +136,4 @@ def triton_repo(
     for notice in repo.notices:
         console.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
     console.print("serve it (inside NVIDIA's Triton + TensorRT-LLM container, also in serve.sh):", highlight=False)
-    typer.echo(repo.command_line)
+    console.print(repo.command_line, highlight=False, soft_wrap=True, markup=False)
