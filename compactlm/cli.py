@@ -78,7 +78,14 @@ def run(
             f"{len(plan)} stages, ~{sum(plan.values()) / 60:.0f} min on a 2-core CPU -> {out or job.default_out()}"
         )
         return
-    run_job(job, out)
+    try:
+        run_job(job, out)
+    except KeyboardInterrupt:
+        from compactlm.recipe import command_line
+        from compress.progress import console
+
+        console.print(f"[yellow]interrupted[/]: run `{command_line(job, out)}` again to continue where it stopped")
+        raise typer.Exit(130) from None
 
 
 def main() -> None:

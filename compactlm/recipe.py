@@ -152,6 +152,8 @@ class JobRecipe:
     budget: str = BASE_BUDGET
     source: str = ""
     """The recipe file, for the record."""
+    overrides: tuple[str, ...] = ()
+    """The --set values laid over it."""
 
     def __post_init__(self):
         if not NAME.match(self.name):
@@ -219,7 +221,21 @@ def load_job_recipe(path: str | Path, budget: str = BASE_BUDGET, overrides: list
         overlay = {key.strip(): f"--set {item}"}
         _merge(data, _nested(key.strip().split("."), value), where, overlay, "")
     recipe = _build(data, where, str(path))
-    return dataclasses.replace(recipe, budget=budget)
+    return dataclasses.replace(recipe, budget=budget, source=str(path), overrides=tuple(overrides or ()))
+
+
+def command_line(recipe: JobRecipe, out: Path | None = None) -> str:
+    """The `compactlm run` command that runs this recipe."""
+    import shlex
+
+    args = ["compactlm", "run", recipe.source]
+    if recipe.budget != BASE_BUDGET:
+        args += ["--budget", recipe.budget]
+    for item in recipe.overrides:
+        args += ["--set", item]
+    if out is not None:
+        args += ["--out", str(out)]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def _lines(node, prefix: str = "") -> dict[str, int]:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 from bench.report import benchmark_blocks, point_table, write_documents
-from compactlm.recipe import JobRecipe
+from compactlm.recipe import JobRecipe, command_line
 from compactlm.stages import Job
 from compress.checkpoint import read_record
 from compress.progress import console
@@ -49,7 +47,7 @@ def headline_table(recipe: JobRecipe, frame: pd.DataFrame, evals: pd.DataFrame, 
             here = _throughput(points, model, precision)
             teacher = _throughput(points, base, precision)
             row[f"req/s {precision}"] = here
-            row[f"x teacher {precision}"] = here / teacher if teacher and not math.isnan(here) else math.nan
+            row[f"x teacher {precision}"] = f"{here / teacher:.2f}x" if teacher and not math.isnan(here) else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -154,7 +152,7 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Job, shapes: pd.DataFram
     headline = headline_table(recipe, frame, evals, order)
 
     blocks: list[tuple[str, object]] = [("h1", f"{recipe.name}: Minitron on {recipe.teacher} (budget {recipe.budget})")]
-    blocks.append(("code", " ".join(shlex.quote(a) for a in ["compactlm", *sys.argv[1:]])))
+    blocks.append(("code", command_line(recipe, None if out == recipe.default_out() else out)))
     blocks.append(("p", _summary(recipe, job)))
     blocks += [("h2", "Accuracy beside throughput"), ("table", headline)]
     blocks.append(
@@ -179,7 +177,8 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Job, shapes: pd.DataFram
             baseline=f"{order[0]} {recipe.engines.precisions[0]}",
             evals=evals if not evals.empty else None,
         )
-    blocks += [("h2", "Models"), ("table", shapes)]
+    models = shapes.assign(params=shapes["params"] / 1e6).rename(columns={"params": "params (M)"})
+    blocks += [("h2", "Models"), ("table", models)]
     blocks += [("h2", "Stages"), ("table", stages_table(job))]
     blocks += [("h2", "Where every number comes from"), ("links", _links(out, report, ["teacher", *order], engines))]
     md, index = write_documents(blocks, report, markdown="report.md", page="index.html")
