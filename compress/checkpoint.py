@@ -126,7 +126,8 @@ def inspect_checkpoint(name_or_path: str | os.PathLike):
 
 
 def load_model(name_or_path: str | os.PathLike, dtype=None):
-    """Load a supported causal LM (checkpoint dir or bundled name) in fp32 on CPU, after validating it."""
+    """Load a supported causal LM (checkpoint dir or bundled name) in fp32 on CPU, after validating it; a
+    checkpoint quantized by `compress quantize` comes back with its modelopt quantizers (fake-quant)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -134,7 +135,12 @@ def load_model(name_or_path: str | os.PathLike, dtype=None):
     path, _ = inspect_checkpoint(name_or_path)
     hf_logging.disable_progress_bar()  # our own progress is shown; a bar per load is noise
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
+        if (path / "modelopt_state.pth").is_file():  # quantized by `compress quantize`: restore its quantizers
+            from compress.quantize import load_quantized
+
+            model = load_quantized(path, dtype or torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
     except (OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise CompactLMError(f"cannot load the weights in {path}: {reason}") from exc
@@ -155,6 +161,15 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise CompactLMError(f"{path} has no usable tokenizer: {str(exc).splitlines()[0]}") from exc
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write JSON atomically: a crash leaves the previous file (or none), never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def read_record(path: str | os.PathLike) -> dict | None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from compress.cli_search import register as register_search
 from compress.cli_train import register as register_training
 from compress.errors import CompactLMError
 from compress.progress import console
@@ -232,3 +233,4 @@ def eval_cmd(
 
 
 register_training(app)
+register_search(app)

@@ -1,0 +1,495 @@
+"""Architecture search to a parameter budget (Minitron's lightweight NAS), ranked by loss and, optionally, by the
+request throughput each candidate's engine measures.
+
+    enumerate (compress.search_space) -> one importance pass -> zero-shot screen -> prune + short distillation
+    of the K best -> held-out loss -> [engine throughput, Pareto front] -> leaderboard, plot, winner
+
+- Every candidate is pruned from the same importance scores (one pass, with the removal losses of every block
+  size the depth grid needs).
+- When there are more candidates than `candidates` (K), each is pruned in memory and scored by its held-out
+  loss without retraining (the "zero-shot" loss), and K go on: the best of each (layers, heads, KV groups)
+  structure first, so the retrained set differs in structure rather than by a few MLP neurons, then the next
+  best. Zero-shot loss alone is a poor judge after retraining (the paper's observation), which is why the K
+  are retrained before they are ranked.
+- Retraining is the distillation job (`compress.retrain.distill_checkpoint`, the one training loop) with the
+  same data, tokens, schedule and loss for every candidate; by default from cached top-k teacher logits, made
+  once, so the teacher runs once for all candidates.
+- Throughput (rank_by loss+throughput) comes from a `measure(checkpoint, engine_dir) -> dict` function given
+  by the caller: the benchmark harness lives above compress (bench -> engines -> compress), so compress does not
+  import it; the CLI passes `bench.candidates.measure_throughput`.
+
+Everything lands in OUT and a re-run resumes: `search.json` (settings; a re-run with other settings that change
+results is refused), `scores.safetensors`, `screen.csv` (grown a row at a time), `teacher-cache/`,
+`candidates/<name>/{pruned,retrained,result.json,throughput.json}` (each written atomically; finished ones are
+skipped), `leaderboard.csv`/`.parquet`, `search.png`, and `winner/`: the winner's pruned checkpoint, ready for
+full distillation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+from compress.checkpoint import atomic_dir, inspect_checkpoint, load_model, load_tokenizer, read_record, write_json
+from compress.errors import CompactLMError
+from compress.search_space import AXES, Candidate, SearchSpace, enumerate_candidates, parse_axes
+
+RANK_BY = ("loss", "loss+throughput")
+Measure = Callable[[Path, Path], dict]
+"""measure(checkpoint, engine_dir) -> {"request_throughput": req/s, "output_throughput": tok/s, ...}."""
+
+
+@dataclass
+class SearchConfig:
+    """What to search and how to judge it."""
+
+    params: float
+    """Target parameters: a fraction of the model's (0.5) or an absolute count (67e6)."""
+    tolerance: float = 0.05
+    """Accepted distance from the target, as a fraction of the target."""
+    axes: tuple[str, ...] = AXES
+    """Which sizes may change: depth, width (hidden), heads (with KV groups), ffn."""
+    candidates: int = 4
+    """How many candidates are retrained and ranked (K)."""
+    retrain_tokens: int = 16384
+    """Short distillation per candidate (the paper: ~1.8B tokens on GPUs; CPU: 10^4-10^5)."""
+    rank_by: str = "loss"
+    """loss, or loss+throughput: also build each candidate's engine and measure its request throughput."""
+    step: float = 0.125
+    min_fraction: float = 0.25
+    multiple_of: int = 16
+    teacher: str | None = None
+    """Distillation teacher (default: the searched model itself; a corrected teacher guides better)."""
+    data: str = "python-docs"
+    seq_len: int = 256
+    batch_size: int = 4
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    loss: str = "logit"
+    """Distillation loss for every candidate (logit: the teacher cache can serve it)."""
+    teacher_cache: bool = True
+    """Cache the teacher's top-k logits once and distill every candidate from them."""
+    top_k: int = 64
+    importance_samples: int = 64
+    depth_samples: int = 4
+    depth_metric: str = "block-loss"
+    screen_samples: int = 4
+    """Held-out sequences (of seq_len) for the zero-shot screen."""
+    eval_samples: int = 16
+    """Held-out sequences (of seq_len) the ranking loss is measured on."""
+    seed: int = 0
+    isl: int = 128
+    osl: int = 128
+    batch: int = 8
+    """Requests in flight when throughput is measured (offline: all at once)."""
+    repeats: int = 2
+    engine_precision: str = "fp32"
+    loss_slack: float = 0.02
+    """loss+throughput: the winner is the fastest candidate on the Pareto front whose held-out loss is within
+    this many nats/token of the best."""
+
+    def __post_init__(self):
+        from compress.depth import DEPTH_METRICS
+        from compress.distill import LOSSES
+
+        self.axes = parse_axes(self.axes)
+        if self.rank_by not in RANK_BY:
+            raise CompactLMError(f"--rank-by must be one of {', '.join(RANK_BY)}, not {self.rank_by!r}")
+        for name in ("candidates", "retrain_tokens", "batch_size", "importance_samples", "depth_samples"):
+            if getattr(self, name) < 1:
+                raise CompactLMError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        for name in ("screen_samples", "eval_samples", "isl", "osl", "batch", "repeats", "top_k"):
+            if getattr(self, name) < 1:
+                raise CompactLMError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise CompactLMError("--seq-len must be at least 2")
+        if self.loss not in LOSSES or self.loss == "auto":
+            raise CompactLMError(
+                f"--loss must be one of {', '.join(x for x in LOSSES if x != 'auto')}: every candidate is retrained "
+                "with the same objective, whatever its depth"
+            )
+        if self.depth_metric not in DEPTH_METRICS:
+            raise CompactLMError(f"--depth-metric must be one of {', '.join(DEPTH_METRICS)}")
+        if self.loss_slack < 0:
+            raise CompactLMError("--loss-slack must be >= 0")
+        self.space()  # validates the budget and the grid
+
+    def space(self) -> SearchSpace:
+        return SearchSpace(self.params, self.tolerance, self.axes, self.step, self.min_fraction, self.multiple_of)
+
+    def uses_cache(self) -> bool:
+        return self.teacher_cache and self.loss == "logit"
+
+    def train_config(self):
+        from compress.train import TrainConfig
+
+        return TrainConfig(
+            tokens=self.retrain_tokens, batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr, seed=self.seed
+        )
+
+    def fingerprint(self) -> dict:
+        """The settings the results depend on (K, the ranking and throughput settings may change on a re-run)."""
+        later = {"candidates", "rank_by", "isl", "osl", "batch", "repeats", "engine_precision", "loss_slack"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in later}
+
+    def throughput_settings(self) -> dict:
+        return {k: getattr(self, k) for k in ("isl", "osl", "batch", "repeats", "engine_precision")}
+
+
+@dataclass
+class SearchResult:
+    candidates: pd.DataFrame
+    """Every enumerated candidate (with its zero-shot loss when screened, and whether it was retrained)."""
+    leaderboard: pd.DataFrame
+    """Retrained candidates, best first, with the reference models (source, teacher) as extra rows."""
+    winner: Path | None
+    out: Path
+
+
+def candidates_frame(candidates: list[Candidate]) -> pd.DataFrame:
+    return pd.DataFrame([c.row() for c in candidates])
+
+
+def plan_search(model: str | os.PathLike, cfg: SearchConfig) -> tuple[Path, list[Candidate]]:
+    """Resolve the model and enumerate its candidates (cheap: no weights loaded)."""
+    path, config = inspect_checkpoint(model)
+    if cfg.teacher is not None:
+        inspect_checkpoint(cfg.teacher)
+    return path, enumerate_candidates(config, cfg.space())
+
+
+def select(screen: pd.DataFrame, k: int) -> list[str]:
+    """K candidate names: the best zero-shot loss of each (layers, heads, groups) structure first, then the rest."""
+    ordered = screen.sort_values(["zero_shot_loss", "candidate"])
+    firsts = ordered.drop_duplicates(["layers", "heads", "kv_groups"])
+    rest = ordered[~ordered["candidate"].isin(firsts["candidate"])]
+    return pd.concat([firsts, rest])["candidate"].head(k).tolist()
+
+
+def pareto_front(frame: pd.DataFrame, loss: str = "heldout_loss", speed: str = "request_throughput") -> pd.Series:
+    """True for rows no other row beats on both lower loss and higher speed (NaN speed: never on the front)."""
+    values = frame[[loss, speed]].to_numpy(dtype=float)
+    front = []
+    for i, (li, si) in enumerate(values):
+        if math.isnan(si) or math.isnan(li):
+            front.append(False)
+            continue
+        dominated = any(
+            lj <= li and sj >= si and (lj < li or sj > si)
+            for j, (lj, sj) in enumerate(values)
+            if j != i and not (math.isnan(lj) or math.isnan(sj))
+        )
+        front.append(not dominated)
+    return pd.Series(front, index=frame.index)
+
+
+def choose_winner(board: pd.DataFrame, cfg: SearchConfig) -> str:
+    """The best loss; with throughput: the fastest front candidate within loss_slack of the best loss."""
+    best = board["heldout_loss"].min()
+    if cfg.rank_by == "loss" or "on_front" not in board:
+        return str(board.loc[board["heldout_loss"].idxmin(), "candidate"])
+    near = board[board["on_front"] & (board["heldout_loss"] <= best + cfg.loss_slack)]
+    return str(near.loc[near["request_throughput"].idxmax(), "candidate"])
+
+
+# -- the run
+
+
+def _prepare(out: Path, cfg: SearchConfig, source: Path, teacher: Path, overwrite: bool) -> None:
+    settings = {"source": str(source.resolve()), "teacher": str(teacher.resolve()), **cfg.fingerprint()}
+    settings = json.loads(json.dumps(settings, default=str))
+    manifest = out / "search.json"
+    if manifest.is_file() and not overwrite:
+        before = json.loads(manifest.read_text()).get("settings", {})
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise CompactLMError(
+                f"{out} holds a search with other settings ({', '.join(changed)}): its results would not compare; "
+                "use another --out, or --overwrite to start over"
+            )
+    elif out.exists() and any(out.iterdir()):
+        if not manifest.is_file():
+            raise CompactLMError(f"{out} exists and is not a search folder (no search.json): choose another --out")
+        shutil.rmtree(out)  # --overwrite of an earlier search
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(manifest, {"settings": settings, "config": asdict(cfg)})
+
+
+def _scores(model, out: Path, cfg: SearchConfig, candidates: list[Candidate]):
+    from compress.importance import ImportanceConfig, ImportanceScores
+    from compress.jobs import run_importance
+
+    path = out / "scores.safetensors"
+    if path.is_file():
+        return ImportanceScores.load(path)
+    layers = model.config.num_hidden_layers
+    drops = sorted({layers - c.shape.num_layers for c in candidates} - {0})
+    config = ImportanceConfig(
+        batch_size=8,
+        depth_samples=cfg.depth_samples,
+        block_sizes=tuple({1, *drops}),
+        removal_loss=bool(drops) and cfg.depth_metric != "block-influence",
+    )
+    scores = run_importance(model, cfg.data, cfg.importance_samples, cfg.seq_len, config)
+    scores.save(path)
+    return scores
+
+
+def _heldout(path: Path, cfg: SearchConfig, samples: int):
+    from compress.data import load_sequences
+
+    return load_sequences(cfg.data, load_tokenizer(path), num_sequences=samples, seq_len=cfg.seq_len, split="heldout")
+
+
+def _screen(model, scores, candidates: list[Candidate], out: Path, cfg: SearchConfig, update) -> pd.DataFrame:
+    """Zero-shot held-out loss of each candidate, pruned in memory; rows appended to screen.csv as they finish."""
+    from compress.evaluate import perplexity
+    from compress.prune import prune
+
+    file = out / "screen.csv"
+    done = pd.read_csv(file) if file.is_file() else pd.DataFrame(columns=["candidate", "zero_shot_loss"])
+    todo = [c for c in candidates if c.name not in set(done["candidate"])]
+    sequences = _heldout(Path(model.compactlm_path), cfg, cfg.screen_samples) if todo else None
+    for i, candidate in enumerate(todo):
+        student, _, _ = prune(model, scores, candidate.target)
+        loss = perplexity(student, sequences).loss
+        del student
+        row = pd.DataFrame([{"candidate": candidate.name, "zero_shot_loss": loss}])
+        row.to_csv(file, mode="a", header=not file.is_file(), index=False)
+        update("screen: zero-shot loss", len(candidates) - len(todo) + i + 1, len(candidates))
+    screened = pd.read_csv(file)
+    return candidates_frame(candidates).merge(screened, on="candidate", how="left")
+
+
+def _retrain(model, scores, candidate: Candidate, teacher: Path, cache: Path | None, out: Path, cfg) -> dict:
+    """Prune, distill briefly, record: candidates/<name>/result.json (skipped when it is there)."""
+    from compress.distill import DistillConfig
+    from compress.jobs import prune_checkpoint
+    from compress.retrain import distill_checkpoint, work_dir_for
+
+    folder = out / "candidates" / candidate.name
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    pruned, retrained = folder / "pruned", folder / "retrained"
+    if not (pruned / "config.json").is_file():
+        prune_checkpoint(model, pruned, candidate.target, scores=scores)
+    if (retrained / "config.json").is_file():
+        record = read_record(retrained)["history"][-1]
+    else:
+        record = distill_checkpoint(
+            teacher,
+            pruned,
+            retrained,
+            data=cfg.data,
+            seq_len=cfg.seq_len,
+            train_cfg=cfg.train_config(),
+            distill_cfg=DistillConfig(loss=cfg.loss),
+            teacher_cache=cache,
+            resume=work_dir_for(retrained).exists(),
+            eval_samples=cfg.eval_samples,
+        )
+    result = candidate.row() | {
+        "heldout_loss": record["heldout_loss"],
+        "perplexity": math.exp(record["heldout_loss"]),
+        "final_train_loss": record["final_train_loss"],
+        "retrain_tokens": record["tokens"],
+        "retrain_seconds": record["seconds"],
+        "pruned": str(pruned),
+        "retrained": str(retrained),
+    }
+    write_json(result_file, result)
+    return result
+
+
+def _throughput(checkpoint: Path, folder: Path, cfg: SearchConfig, measure: Measure) -> dict:
+    """throughput.json beside the candidate, measured again only when the throughput settings changed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / "throughput.json"
+    settings = cfg.throughput_settings()
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        if saved.get("settings") == settings:
+            return saved["result"]
+    engine = folder / f"engine-{cfg.engine_precision}"
+    result = measure(checkpoint, engine)
+    write_json(file, {"settings": settings, "result": result})
+    return result
+
+
+def _reference(name: str, path: Path, cfg: SearchConfig, role: str) -> dict:
+    from compress.arch import count_params, shape_of
+    from compress.evaluate import perplexity
+
+    model = load_model(path)
+    loss = perplexity(model, _heldout(path, cfg, cfg.eval_samples)).loss
+    shape = shape_of(model.config)
+    return {
+        "candidate": name,
+        "role": role,
+        "layers": shape.num_layers,
+        "hidden": shape.hidden_size,
+        "ffn": shape.ffn_hidden_size,
+        "heads": shape.num_attention_heads,
+        "kv_groups": shape.num_query_groups,
+        "params": count_params(shape),
+        "heldout_loss": loss,
+        "perplexity": math.exp(loss),
+        "retrained": str(path),
+    }
+
+
+def run_search(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: SearchConfig,
+    *,
+    measure: Measure | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SearchResult:
+    """Search `model` for the best architecture within `cfg`'s budget; resumable in `out` (see the module doc)."""
+    from compress.retrain import cache_logits
+
+    if cfg.rank_by == "loss+throughput" and measure is None:
+        raise CompactLMError("--rank-by loss+throughput needs a throughput measure (the CLI passes the benchmark's)")
+    out = Path(out).expanduser()
+    source, candidates = plan_search(model, cfg)
+    teacher = inspect_checkpoint(cfg.teacher)[0] if cfg.teacher else source
+    _prepare(out, cfg, source, teacher, overwrite)
+    update = progress or (lambda stage, done, total: None)
+    candidates_frame(candidates).to_csv(out / "candidates.csv", index=False)
+
+    base = load_model(source)
+    scores = _scores(base, out, cfg, candidates)
+    table = candidates_frame(candidates)
+    if len(candidates) > cfg.candidates:
+        table = _screen(base, scores, candidates, out, cfg, update)
+        chosen = select(table, cfg.candidates)
+    else:
+        chosen = [c.name for c in candidates]
+    table["retrained"] = table["candidate"].isin(chosen)
+    table.to_csv(out / "candidates.csv", index=False)
+
+    cache = None
+    if cfg.uses_cache():
+        cache = out / "teacher-cache"
+        if not (cache / "cache.json").is_file():
+            cache_logits(
+                teacher, cache, data=cfg.data, seq_len=cfg.seq_len, train_cfg=cfg.train_config(), top_k=cfg.top_k
+            )
+    by_name = {c.name: c for c in candidates}
+    results = []
+    for i, name in enumerate(chosen):
+        results.append(_retrain(base, scores, by_name[name], teacher, cache, out, cfg))
+        update("search: candidates retrained", i + 1, len(chosen))
+    del base
+
+    board = pd.DataFrame(results)
+    board.insert(1, "role", "candidate")
+    screened = table.set_index("candidate")
+    if "zero_shot_loss" in screened:
+        board["zero_shot_loss"] = board["candidate"].map(screened["zero_shot_loss"])
+    references = [_reference("source", source, cfg, "source")]
+    if teacher != source:
+        references.append(_reference("teacher", teacher, cfg, "teacher"))
+    if cfg.rank_by == "loss+throughput":
+        measured = [
+            _throughput(Path(r["retrained"]), out / "candidates" / r["candidate"], cfg, measure) for r in results
+        ]
+        for key in ("request_throughput", "output_throughput"):
+            board[key] = [m[key] for m in measured]
+        ref = _throughput(source, out / "source", cfg, measure)
+        for key in ("request_throughput", "output_throughput"):
+            references[0][key] = ref[key]
+        board["speedup_vs_source"] = board["request_throughput"] / ref["request_throughput"]
+        board["on_front"] = pareto_front(board)
+    board = board.sort_values(["heldout_loss", "candidate"]).reset_index(drop=True)
+    board.insert(0, "rank", range(1, len(board) + 1))
+    winner_name = choose_winner(board, cfg)
+    board["winner"] = board["candidate"] == winner_name
+    board = pd.concat([board, pd.DataFrame(references)], ignore_index=True)
+    board.to_csv(out / "leaderboard.csv", index=False)
+    board.to_parquet(out / "leaderboard.parquet", index=False)
+    plot_search(board, out / "search.png", title=f"{source.name}: search at {_budget_text(cfg)}")
+    winner = _publish_winner(out, by_name[winner_name], board)
+    return SearchResult(candidates=table, leaderboard=board, winner=winner, out=out)
+
+
+def _budget_text(cfg: SearchConfig) -> str:
+    target = f"{cfg.params:.0%}" if cfg.params < 1 else f"{cfg.params / 1e6:.1f}M"
+    return f"{target} +-{cfg.tolerance:.0%} params, {cfg.retrain_tokens:,} retraining tokens each"
+
+
+def _publish_winner(out: Path, winner: Candidate, board: pd.DataFrame) -> Path:
+    """Copy the winner's pruned checkpoint to OUT/winner (replaced only when the winner changed)."""
+    dest = out / "winner"
+    row = board[board["candidate"] == winner.name].iloc[0]
+    info_file = out / "winner.json"
+    if dest.is_dir() and info_file.is_file() and json.loads(info_file.read_text()).get("candidate") == winner.name:
+        return dest
+    with atomic_dir(dest, overwrite=True) as tmp:
+        for item in Path(row["pruned"]).iterdir():
+            shutil.copy2(item, tmp / item.name)
+    write_json(
+        info_file,
+        {
+            "candidate": winner.name,
+            "checkpoint": str(dest),
+            "retrained": row["retrained"],
+            "heldout_loss": float(row["heldout_loss"]),
+            "params": int(row["params"]),
+            "note": "winner/ is the pruned checkpoint (before the short retraining): give it the full distillation",
+        },
+    )
+    return dest
+
+
+def plot_search(board: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Held-out loss vs parameters (and vs request throughput when measured); the winner and the front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = board[board["role"] == "candidate"]
+    refs = board[board["role"] != "candidate"]
+    speed = "request_throughput" in board and cands["request_throughput"].notna().any()
+    fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(12 if speed else 6.5, 4.8), squeeze=False)
+    panels = [("params", "parameters (M)", 1e-6)] + (
+        [("request_throughput", "requests/s (cpu engine)", 1)] if speed else []
+    )
+    for ax, (column, label, scale) in zip(axes[0], panels, strict=True):
+        ax.scatter(cands[column] * scale, cands["heldout_loss"], c="tab:blue", label="candidates")
+        for _, r in cands.iterrows():
+            ax.annotate(r["candidate"], (r[column] * scale, r["heldout_loss"]), fontsize=7, alpha=0.8)
+        win = cands[cands["winner"]]
+        ax.scatter(
+            win[column] * scale, win["heldout_loss"], s=160, facecolors="none", edgecolors="tab:red", label="winner"
+        )
+        if column == "request_throughput" and "on_front" in cands:
+            front = cands[cands["on_front"].astype(bool)].sort_values(column)
+            ax.plot(front[column], front["heldout_loss"], "--", c="tab:green", label="Pareto front")
+        with_ref = refs[refs[column].notna()] if column in refs else refs.iloc[:0]
+        for _, r in with_ref.iterrows():
+            ax.axhline(r["heldout_loss"], ls=":", c="grey")
+            ax.annotate(
+                f"{r['candidate']} ({r['params'] / 1e6:.0f}M)", (ax.get_xlim()[0], r["heldout_loss"]), fontsize=7
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out loss after short retraining (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
