@@ -74,6 +74,11 @@ def build_engine(
     check_limits(model_config, config)
     backend.check_available(config)
     backend.check_model(model_config, config)
+    from compress.quantize import quantized_format
+
+    quantized = quantized_format(path)
+    if quantized is not None:
+        backend.check_quantized(quantized, config)
 
     start = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:

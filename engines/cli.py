@@ -24,7 +24,8 @@ def build(
     out: Annotated[Path, typer.Argument(help="The engine folder to write.")],
     backend: Annotated[str, typer.Option(help="cpu (OpenVINO, default), torch (transformers) or trtllm.")] = "cpu",
     precision: Annotated[
-        str | None, typer.Option(help="cpu: fp32|bf16|int8|int4; torch: fp32|bf16|fp16; trtllm: fp16|fp8.")
+        str | None,
+        typer.Option(help="cpu: fp32|bf16|int8|int4; torch: fp32|bf16|fp16; trtllm: fp16|bf16|fp8|int8-sq|int4-awq."),
     ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Most sequences at once [32].")] = None,
     max_input_len: Annotated[int | None, typer.Option(help="Longest prompt, tokens [1024].")] = None,

@@ -35,6 +35,16 @@ class Backend(ABC):
     def check_model(self, model_config, config: BuildConfig) -> None:  # noqa: B027 - optional hook
         """Raise a CompactLMError when this backend cannot run the model's shape (caught at build time)."""
 
+    def check_quantized(self, fmt: str, config: BuildConfig) -> None:
+        """A checkpoint quantized by `compress quantize` (modelopt fake-quant, smoothing folded into its weights):
+        refused unless the backend exports modelopt's scales (trtllm overrides this)."""
+        raise CompactLMError(
+            f"the checkpoint is quantized with modelopt ({fmt}); the {self.name} backend would read it as a plain "
+            f"model and lose (or corrupt, for SmoothQuant and AWQ) the quantization: build it with --backend trtllm "
+            f"--precision {fmt}, or build its unquantized parent with this backend's own precisions "
+            f"({', '.join(self.precisions)})"
+        )
+
     @abstractmethod
     def build(self, checkpoint: Path, out: Path, config: BuildConfig) -> dict:
         """Write the engine files into `out` (a fresh temp folder); return backend details for the manifest."""

@@ -33,8 +33,10 @@ from compress.errors import CompactLMError
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16"}
-"""Precision -> dtype of the checkpoint's unquantized tensors (FP8 keeps norms, embeddings, lm_head in fp16)."""
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16", "int8-sq": "float16", "int4-awq": "float16"}
+"""Precision -> dtype of the checkpoint's unquantized tensors (quantized ones keep norms, embeddings, lm_head in
+fp16). fp8, int8-sq and int4-awq are compress.quantize's formats: calibrated here, or already by `compress quantize`."""
+QUANTIZED = ("fp8", "int8-sq", "int4-awq")
 
 DECODER_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen", "qwen3": "qwen"}
 """Hugging Face model_type -> modelopt decoder_type (TensorRT-LLM runs Mistral as Llama, Qwen2/3 as QWen)."""
@@ -98,24 +100,9 @@ def config_fields(hf_config) -> dict:
 def quantize_fp8(model, calibration: Iterable[torch.Tensor]) -> int:
     """FP8 post-training quantization in place (modelopt's FP8_DEFAULT_CFG: per-tensor weight and static input
     scales, max calibration). `calibration`: token tensors ([T] or [B, T]). Returns the tokens seen."""
-    import torch
+    from compress.quantize import quantize_model
 
-    with _quiet():
-        import modelopt.torch.quantization as mtq
-
-    batches = [torch.as_tensor(t).reshape(-1, torch.as_tensor(t).shape[-1]).long() for t in calibration]
-    if not batches:
-        raise CompactLMError("FP8 calibration needs at least one token sequence")
-    seen = sum(b.numel() for b in batches)
-
-    def forward_loop(m) -> None:
-        with torch.inference_mode():
-            for batch in batches:
-                m(input_ids=batch.to(next(m.parameters()).device), use_cache=False)
-
-    with _quiet():
-        mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop=forward_loop)
-    return seen
+    return quantize_model(model, "fp8", calibration)["calibration_tokens"]
 
 
 def export_checkpoint(
@@ -129,7 +116,8 @@ def export_checkpoint(
 ) -> dict:
     """Write `model` (a HF Llama-family causal LM in fp32) as a TensorRT-LLM checkpoint in `out`.
 
-    fp8 quantizes `model` in place first, calibrated on `calibration` (token tensors). With `verify_tokens`
+    fp8, int8-sq and int4-awq quantize `model` in place first, calibrated on `calibration` (token tensors), unless it
+    is quantized already (a checkpoint from `compress quantize`, loaded with its quantizers). With `verify_tokens`
     ([B, T] ids) the checkpoint is read back, dequantized, loaded into a fresh HF model and its logits compared
     with the source's: the result goes under "verification". Returns what the manifest records.
     """
@@ -148,10 +136,15 @@ def export_checkpoint(
         with torch.inference_mode():
             source_logits = model(input_ids=verify_tokens, use_cache=False).logits.float()
 
-    if precision == "fp8":
-        if calibration is None:
-            raise CompactLMError("FP8 export needs calibration token sequences")
-        info["calibration_tokens"] = quantize_fp8(model, calibration)
+    if precision in QUANTIZED:
+        from compress.quantize import quantize_model, quantized_modules
+
+        if quantized_modules(model):
+            info["quantized_by"] = "compress quantize (calibrated scales kept)"
+        elif calibration is None:
+            raise CompactLMError(f"{precision} export needs calibration token sequences")
+        else:
+            info["calibration_tokens"] = quantize_model(model, precision, calibration)["calibration_tokens"]
 
     with _quiet():
         from modelopt.torch.export import export_tensorrt_llm_checkpoint
@@ -231,13 +224,37 @@ def _rank_tensors(folder: Path, tp: int) -> list[dict]:
     return ranks
 
 
-def _dequantize(tensors: dict) -> dict:
-    """fp32 copies of one rank's tensors, FP8 weights multiplied by their scales; scaling factors dropped."""
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out/2, in] bytes -> [out, in] signed 4-bit values: modelopt packs output rows 2i (low nibble) and 2i+1."""
+    import torch
+
+    raw = packed.view(torch.uint8).to(torch.int16)
+    low, high = raw & 0x0F, (raw >> 4) & 0x0F
+    values = torch.stack([low, high], dim=1).reshape(-1, packed.shape[1])
+    return torch.where(values >= 8, values - 16, values)
+
+
+def _dequantize(tensors: dict, algo: str | None = None, group_size: int | None = None) -> dict:
+    """fp32 copies of one rank's tensors: FP8 / INT8 / packed INT4 weights times their scales, with SmoothQuant's
+    and AWQ's pre-quant scales folded into the weight columns (the engine multiplies its input by them);
+    scaling factors dropped."""
     import torch
 
     out = {}
     for name, t in tensors.items():
-        if name.endswith(SCALE_SUFFIXES):
+        if name.endswith((*SCALE_SUFFIXES, "prequant_scaling_factor")):
+            continue
+        if t.dtype in (torch.int8, torch.uint8) and algo in ("W8A8_SQ_PER_CHANNEL", "W4A16_AWQ"):
+            base = name.removesuffix("weight")
+            scale = tensors.get(base + "weights_scaling_factor")
+            if scale is None:
+                raise CompactLMError(f"quantized tensor {name} has no weights_scaling_factor")
+            if algo == "W4A16_AWQ":
+                weight = _unpack_int4(t).float() * scale.float().repeat_interleave(int(group_size), dim=1)
+            else:
+                weight = t.float() * scale.float().reshape(-1, 1)
+            pre = tensors.get(base + "prequant_scaling_factor")
+            out[name] = weight * pre.float()[None, :] if pre is not None else weight
             continue
         if t.dtype == torch.float8_e4m3fn:
             scale = tensors.get(name.removesuffix("weight") + "weights_scaling_factor")
@@ -271,9 +288,12 @@ def load_trtllm_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Te
     if pp != 1:
         raise CompactLMError(f"{folder} is pipeline-parallel (pp_size {pp}); only tensor-parallel ranks are read")
     algo = (config.get("quantization") or {}).get("quant_algo")
-    if algo not in (None, "FP8"):
-        raise CompactLMError(f"{folder} is quantized with {algo}; the reader handles FP16/BF16 and FP8 checkpoints")
-    ranks = [_dequantize(t) for t in _rank_tensors(folder, tp)]
+    if algo not in (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ"):
+        raise CompactLMError(
+            f"{folder} is quantized with {algo}; the reader handles FP16/BF16, FP8, W8A8_SQ_PER_CHANNEL and W4A16_AWQ"
+        )
+    group_size = (config.get("quantization") or {}).get("group_size")
+    ranks = [_dequantize(t, algo, group_size) for t in _rank_tensors(folder, tp)]
     heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_size"]
     vocab = config["vocab_size"]
     q_rows, kv_rows = heads // tp * head_dim, max(1, kv_heads // tp) * head_dim
@@ -434,12 +454,13 @@ def verify_checkpoint(folder: Path, hf_config, tokens: torch.Tensor, source_logi
     """
     import torch
 
-    _, state = load_trtllm_checkpoint(folder)
+    config, state = load_trtllm_checkpoint(folder)
     model = reference_model(hf_config, state)
     result = {"sequences": int(tokens.shape[0]), "tokens_per_sequence": int(tokens.shape[1])}
+    fp8 = (config.get("quantization") or {}).get("quant_algo") == "FP8"  # INT8 SQ's activation scales are not FP8's
     with torch.inference_mode():
         result |= compare_logits(source_logits, model(input_ids=tokens, use_cache=False).logits.float(), tokens)
-        scales = activation_scales(folder)
+        scales = activation_scales(folder) if fp8 else {}
         if scales:
             with fp8_activations(model, scales):
                 logits = model(input_ids=tokens, use_cache=False).logits.float()

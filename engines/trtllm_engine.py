@@ -40,9 +40,20 @@ CONTAINER = "NVIDIA's TensorRT-LLM container (nvcr.io/nvidia/tensorrt-llm/releas
 @register
 class TrtllmBackend(Backend):
     name = "trtllm"
-    precisions = ("fp16", "bf16", "fp8")
+    precisions = ("fp16", "bf16", "fp8", "int8-sq", "int4-awq")
     default_precision = "fp16"
-    description = "TensorRT-LLM engine (FP16/BF16/FP8, tensor parallel), in-flight batching on NVIDIA GPUs"
+    description = (
+        "TensorRT-LLM engine (FP16/BF16, FP8, INT8 SmoothQuant, INT4 AWQ; tensor parallel), in-flight batching on "
+        "NVIDIA GPUs"
+    )
+
+    def check_quantized(self, fmt: str, config: BuildConfig) -> None:
+        """A checkpoint from `compress quantize` keeps its calibrated scales: build it at its own format."""
+        if config.precision != fmt:
+            raise CompactLMError(
+                f"the checkpoint is quantized as {fmt} (compress quantize): build it with --precision {fmt}, "
+                f"not {config.precision}"
+            )
 
     def check_available(self, config: BuildConfig) -> None:
         if not _importable("modelopt"):
@@ -94,8 +105,11 @@ class TrtllmBackend(Backend):
         verify_tokens, verify_source = None, None
         if params <= VERIFY_MAX_PARAMS:
             verify_tokens, verify_source = verification_tokens(checkpoint, model.config, config)
+        from compress.quantize import quantized_modules
+        from engines.trtllm_checkpoint import QUANTIZED
+
         calibration = None
-        if config.precision == "fp8":
+        if config.precision in QUANTIZED and not quantized_modules(model):
             calibration = list(calibration_tokens(checkpoint, model.config, config).split(8))
         info = export_checkpoint(
             model,
