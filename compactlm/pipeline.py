@@ -246,7 +246,8 @@ def _importance(job: Job, recipe: JobRecipe, paths: Paths, source: Path) -> None
     from compress.jobs import run_importance
 
     layers = load_model_config(source).num_hidden_layers
-    drops = sorted({1} | {layers - t.num_layers for t in recipe.students.values() if t.num_layers})
+    # removal losses only for the block sizes the depth students drop (each candidate block costs a forward)
+    drops = sorted({layers - t.num_layers for t in recipe.students.values() if t.num_layers})
 
     def run(resume: bool) -> dict:
         scores = run_importance(
@@ -254,7 +255,7 @@ def _importance(job: Job, recipe: JobRecipe, paths: Paths, source: Path) -> None
             recipe.data,
             recipe.importance.samples,
             recipe.importance.seq_len,
-            ImportanceConfig(block_sizes=tuple(drops)),
+            ImportanceConfig(block_sizes=tuple(drops or (1,)), removal_loss=bool(drops)),
         )
         paths.scores.parent.mkdir(parents=True, exist_ok=True)
         tmp = paths.scores.with_name(f".{paths.scores.name}.tmp")
