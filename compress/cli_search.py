@@ -49,6 +49,7 @@ def candidates_table(frame, title: str, total_params: int | None = None) -> Tabl
 
 def register(app: typer.Typer) -> None:
     register_quantize(app)
+    register_chain(app)
 
     @app.command("search")
     def search_cmd(
@@ -183,6 +184,26 @@ def register_quantize(app: typer.Typer) -> None:
             highlight=False,
             soft_wrap=True,
         )
+
+
+def register_chain(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        recipe: Annotated[Path, typer.Argument(help="A chain recipe (YAML): teacher, stages of prune + distill.")],
+        out: Annotated[Path | None, typer.Option(help="The chain folder (default: the recipe's out:).")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in OUT.")] = False,
+    ) -> None:
+        """Iterative compression: prune -> distill -> prune -> distill ..., each student the next teacher; resumes
+        a stopped run and prints the family table (parameters, perplexity, task accuracy per stage)."""
+        from compress.chain import load_chain, run_chain
+
+        chain = load_chain(recipe)
+        folder = out or (Path(chain.out) if chain.out else None)
+        if folder is None:
+            raise CompactLMError("give --out DIR (or out: in the recipe)")
+        with stage_progress() as update:
+            family = run_chain(chain, folder, overwrite=overwrite, progress=update)
+        console.print(candidates_table(family.drop(columns=["path"]), f"family: {folder}/family.csv"))
 
 
 def _budget(text: str) -> float:
