@@ -11,6 +11,7 @@ equal to max_tokens (the same as ignore_eos), and each choice carries its `token
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -111,8 +112,7 @@ class OpenAIRoute:
         self._inflight = 0
         self._idle = threading.Condition()
         handler = type("Handler", (_Handler,), {"route": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((host, port), handler)
         self._thread: threading.Thread | None = None
 
     @property
@@ -140,10 +140,25 @@ class OpenAIRoute:
             self._idle.notify_all()
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that left is no server error
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     route: OpenAIRoute
     protocol_version = "HTTP/1.1"
     server_version = "compactlm"
+
+    def setup(self) -> None:
+        super().setup()
+        # one small write per streamed event: without TCP_NODELAY, Nagle + delayed ACKs hold each for ~40 ms
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         pass  # one line per request on stderr is noise under load
@@ -220,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": finish_reason}
             return {**meta, "object": "text_completion", "choices": [choice]}
 
-        for tokens, _ in stream:
+        while (tokens := stream.take()) is not None:  # all tokens since the last event: no backlog under load
             self._event(chunk(decoder.delta(tokens), tokens, None))
         done = stream.result()
         error = service.finished(FRONT, stream)

@@ -83,6 +83,7 @@ class RequestStream:
         self.error: str | None = None
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
+        self._taken_all = False
 
     # -- the engine's side
     def push(self, tokens: Sequence[int], at: float | None = None) -> None:
@@ -112,6 +113,24 @@ class RequestStream:
             if item is _END:
                 return
             yield item
+
+    def take(self) -> list[int] | None:
+        """Every token that arrived since the last call (waiting for the first); None once the stream has ended.
+        A slow reader (a server under load) gets fewer, larger chunks instead of a growing backlog. Use either
+        this or iteration on one stream, not both."""
+        if self._taken_all:
+            return None
+        tokens: list[int] = []
+        item = self._events.get()
+        while True:
+            if item is _END:
+                self._taken_all = True
+                return tokens or None
+            tokens.extend(item[0])
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return tokens
 
     def result(self, timeout: float | None = None) -> Completion:
         if not self._done.wait(timeout):

@@ -78,11 +78,13 @@ def run(
         console.print(f"[green]serving[/] {engine} ({manifest.describe()})", highlight=False)
         for name, url in server.endpoints().items():
             console.print(f"  {name:12s} {url}", highlight=False)
-        console.print(f"  tritonserver log: {server.log_file}; stop with Ctrl-C or SIGTERM", highlight=False)
+        console.print(
+            f"  tritonserver log: {server.log_file}; stop with Ctrl-C or SIGTERM", highlight=False, soft_wrap=True
+        )
 
     console.print(f"starting Triton for {engine} ...", highlight=False)
     summary = serve(engine, config, on_ready=ready)
-    console.print(summary, highlight=False)
+    console.print(summary, highlight=False, soft_wrap=True)
 
 
 @app.command("triton-repo")

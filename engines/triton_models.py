@@ -128,9 +128,8 @@ class TritonModels:
             else None
         )
         loop = asyncio.get_running_loop()
-        chunks = iter(stream)
-        while (chunk := await loop.run_in_executor(self._pool, next, chunks, None)) is not None:
-            tokens = chunk[0]
+        # every token that arrived since the last response goes in the next one: a backlog shrinks, not grows
+        while (tokens := await loop.run_in_executor(self._pool, stream.take)) is not None:
             response = {TRITON_OUTPUT_IDS: np.asarray(tokens, dtype=np.int32)}
             if decoder is not None:
                 response[TRITON_TEXT_OUTPUT] = _text(decoder.delta(tokens))
