@@ -297,7 +297,10 @@ def prune(model, scores: ImportanceScores, target: PruneTarget):
         new_config["layer_types"] = [config.layer_types[i] for i in kept.layers.tolist()]
     state = slice_state_dict(model.state_dict(), kept, new_shape.head_dim)
     student_config = type(config)(**new_config)
-    student = AutoModelForCausalLM.from_config(student_config, dtype=next(model.parameters()).dtype)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is loaded just below: a random init would cost seconds for nothing
+        student = AutoModelForCausalLM.from_config(student_config, dtype=next(model.parameters()).dtype)
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if new_shape.tied_embeddings else set()
     if unexpected or set(missing) - tied:

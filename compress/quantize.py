@@ -278,7 +278,10 @@ def load_quantized(path: Path, dtype=None):
         import modelopt.torch.opt as mto
 
         config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():  # every weight is loaded below
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
         # modelopt's state holds its config objects: a pickle, from a file compactlm itself wrote beside the weights
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         model = mto.restore_from_modelopt_state(model, state)
