@@ -177,6 +177,12 @@ def test_a_search_ranks_retrains_resumes_and_publishes_its_winner(retrain_checkp
     assert count_model_params(winner) == row["params"]
     assert json.loads((out / "winner.json").read_text())["candidate"] == row["candidate"]
 
+    # ranked by loss alone (no engines): the same candidates, the best loss wins
+    by_loss = run_search(teacher, out, _search_config(corpus, candidates=2)).leaderboard
+    assert len(distills) == 2 and "request_throughput" not in by_loss
+    cands = by_loss[by_loss["role"] == "candidate"]
+    assert cands.loc[cands["heldout_loss"].idxmin(), "winner"]
+
     with pytest.raises(CompactLMError, match="other settings .*retrain_tokens"):
         run_search(teacher, out, _search_config(corpus, retrain_tokens=128))
 
