@@ -114,14 +114,17 @@ class RequestStream:
                 return
             yield item
 
-    def take(self) -> list[int] | None:
-        """Every token that arrived since the last call (waiting for the first); None once the stream has ended.
-        A slow reader (a server under load) gets fewer, larger chunks instead of a growing backlog. Use either
-        this or iteration on one stream, not both."""
+    def take(self, block: bool = True) -> list[int] | None:
+        """Every token that arrived since the last call (waiting for the first one if `block`, else possibly
+        none); None once the stream has ended. A slow reader (a server under load) gets fewer, larger chunks
+        instead of a growing backlog. Use either this or iteration on one stream, not both."""
         if self._taken_all:
             return None
         tokens: list[int] = []
-        item = self._events.get()
+        try:
+            item = self._events.get(block=block)
+        except queue.Empty:
+            return tokens
         while True:
             if item is _END:
                 self._taken_all = True

@@ -198,6 +198,7 @@ def main() -> None:
         "warmup_s": args.warmup,
         "warmup_requests": len(warm),
         "warmup_failed": sum(not r.ok for _, r in warm),
+        "warmup_failures": [(f, r.error) for f, r in warm if not r.ok][:10],
         "load_s": round(load_s, 1),
         "requests": len(records),
         "requests_by_front": {f: sum(1 for g, _ in records if g == f) for f in set(fronts)},
