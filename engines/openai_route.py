@@ -142,6 +142,7 @@ class OpenAIRoute:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # socketserver's 5 resets connections when tens of clients connect at once
 
     def handle_error(self, request, client_address) -> None:
         import sys

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Served vs in-process, one workload: ISL/OSL 128/128 (random prompts, seed 0, EOS ignored), concurrency 1, 8 and
-# 32, 3 measured requests per in-flight request after 2 warm-up ones; against the engine in this process, then
-# through `compactlm serve`: Triton gRPC streaming and the OpenAI route. Rows go to OUT; then the report.
+# 32, 3 measured requests per in-flight request after 2 warm-up ones. At each concurrency the engine is measured
+# in-process, then through `compactlm serve` over Triton gRPC streaming, then over the OpenAI route (interleaved,
+# so that drift of a shared machine hits all three alike; the server's engine idles while the in-process one runs).
 #
 #   bench/perf/serving.sh ENGINE_DIR [OUT.parquet] [REPORT_DIR]
 set -euo pipefail
@@ -10,9 +11,6 @@ OUT=${2:-docs/bench/serving.parquet}
 REPORT=${3:-docs/bench/serving}
 BIN=${BIN:-.venv/bin}
 HTTP=18400 GRPC=18401 METRICS=18402 OPENAI=18480
-COMMON=(--isl 128 --osl 128 --concurrency 1,8,32 --requests 3x --warmup 2 --out "$OUT")
-
-"$BIN/compactlm" bench run "$ENGINE" --name smollm2 "${COMMON[@]}"
 
 "$BIN/compactlm" serve "$ENGINE" --http-port $HTTP --grpc-port $GRPC --metrics-port $METRICS \
     --openai-port $OPENAI > "${OUT%.*}.server.log" 2>&1 &
@@ -25,9 +23,12 @@ for _ in $(seq 300); do
     fi
     sleep 1
 done
-"$BIN/compactlm" bench run "triton://127.0.0.1:$GRPC/compactlm" --name smollm2 --tokenizer "$ENGINE/tokenizer" \
-    "${COMMON[@]}"
-"$BIN/compactlm" bench run "http://127.0.0.1:$OPENAI" --name smollm2 --tokenizer "$ENGINE/tokenizer" "${COMMON[@]}"
+for concurrency in 1 8 32; do
+    common=(--isl 128 --osl 128 --concurrency "$concurrency" --requests 3x --warmup 2 --out "$OUT" --name smollm2)
+    "$BIN/compactlm" bench run "$ENGINE" "${common[@]}"
+    "$BIN/compactlm" bench run "triton://127.0.0.1:$GRPC/compactlm" --tokenizer "$ENGINE/tokenizer" "${common[@]}"
+    "$BIN/compactlm" bench run "http://127.0.0.1:$OPENAI" --tokenizer "$ENGINE/tokenizer" "${common[@]}"
+done
 kill -TERM $server
 wait $server || true
 trap - EXIT

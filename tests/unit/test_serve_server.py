@@ -145,6 +145,26 @@ def test_concurrent_streams_all_finish_and_full_requests_are_batched(server, exp
     assert 2 <= executions < 8, executions  # batches of at most max_batch_size=4
 
 
+def test_the_openai_route_takes_many_connections_at_once(server, expected):
+    prompts, tokens = expected
+    port = server.config.openai_port
+    results: dict[int, tuple] = {}
+    body = {"prompt": prompts[0], "max_tokens": 2, "ignore_eos": True}
+
+    def one(i: int) -> None:
+        status, raw = post(port, "/v1/completions", body)
+        results[i] = (status, json.loads(raw)["choices"][0]["token_ids"] if status == 200 else raw)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results.get(i) for i in range(48)] == [(200, tokens[0][:2])] * 48
+    # a busy server accepts late: socketserver's default backlog of 5 reset clients in a 32-stream benchmark
+    assert server.route.httpd.request_queue_size >= 128
+
+
 def _metric(port: int, name: str, model: str) -> float:
     text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10).read().decode()
     match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.M)
