@@ -49,6 +49,9 @@ def headline_table(recipe: JobRecipe, frame: pd.DataFrame, evals: pd.DataFrame, 
             row[f"req/s {precision}"] = here
             row[f"x teacher {precision}"] = f"{here / teacher:.2f}x" if teacher and not math.isnan(here) else ""
         rows.append(row)
+    tasks = [c[4:] for c in evals.columns if c.startswith("acc_") and f"chance_{c[4:]}" in evals]
+    if rows and tasks:  # the expected accuracy of a random pick
+        rows.append({"model": "(chance)", **{f"acc_{t}": evals[f"chance_{t}"].iloc[0] for t in tasks}})
     return pd.DataFrame(rows)
 
 
@@ -99,9 +102,13 @@ def plot_training(out: Path, models: list[str], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for model, op, history in curves:
-        per_step = op["tokens"] / max(1, op["steps"])
-        xs = [(h.get("step", i) + 1) * per_step for i, h in enumerate(history)]
-        ax.plot(xs, [h["loss"] for h in history], label=f"{model} ({op.get('loss', 'ce')})")
+        xs = [h["tokens"] for h in history]  # tokens seen so far, after each logged step
+        ax.plot(
+            xs,
+            [h["loss"] for h in history],
+            marker="." if len(xs) < 30 else None,
+            label=f"{model} ({op.get('loss', 'ce')})",
+        )
     ax.set(xlabel="training tokens", ylabel="training loss", title="teacher correction and distillation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -94,6 +94,10 @@ def _heldout_loss(model, tokenizer, data, seq_len: int, samples: int) -> float |
     return perplexity(model.to("cpu"), heldout).loss
 
 
+def _rounded(history: list[dict]) -> list[dict]:
+    return [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in history]
+
+
 def distill_checkpoint(
     teacher: str | os.PathLike,
     student: str | os.PathLike,
@@ -181,7 +185,7 @@ def distill_checkpoint(
         "final_train_loss": result.final_loss,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if model is not None else None,
-        "history": [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in result.history],
+        "history": _rounded(result.history),
     }
     _finish(model, out, work, student_path, record, overwrite, dist)
     return record
@@ -228,6 +232,8 @@ def correct_teacher(
         "final_train_loss": result.final_loss,
         "heldout_loss_before": before,
         "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if model is not None else None,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "history": _rounded(result.history),
     }
     _finish(model, out, work, teacher_path, record, overwrite, dist)
     return record
