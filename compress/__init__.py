@@ -5,6 +5,8 @@ The public API reads like the pipeline::
     model = load_model("smollm2-135m")
     scores = estimate_importance(model, calibration_sequences)
     student, record, kept = prune(model, scores, PruneTarget(hidden_size=432, ffn_hidden_size=1024))
+    result = run_search("smollm2-135m", "search", SearchConfig(params=0.5))   # architecture search to a budget
+    quantize_model(student, "fp8", calibration_batches)                       # modelopt PTQ, fake-quant on CPU
 
 Names are imported lazily, so that `compactlm --help` does not pay for importing torch.
 """
@@ -25,6 +27,13 @@ _EXPORTS = {
     "save_checkpoint": "compress.checkpoint",
     "load_sequences": "compress.data",
     "perplexity": "compress.evaluate",
+    "SearchConfig": "compress.search",
+    "run_search": "compress.search",
+    "QuantizeConfig": "compress.quantize",
+    "quantize_model": "compress.quantize",
+    "quantize_checkpoint": "compress.quantize",
+    "load_chain": "compress.chain",
+    "run_chain": "compress.chain",
 }
 
 __all__ = sorted(_EXPORTS)
