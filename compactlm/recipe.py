@@ -29,11 +29,10 @@ RESERVED = ("teacher", "teacher-corrected")
 
 
 @dataclass(frozen=True)
-class Correction:
-    """Teacher correction (Minitron step 1): CE fine-tuning of the teacher on the distillation data."""
+class Training:
+    """A training run's length and schedule (the paper's: lr 1e-4 cosine to 1e-5 after a warm-up)."""
 
     tokens: int = 16384
-    """Training tokens; 0 skips the step (the teacher is used as shipped)."""
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 1e-4
@@ -42,7 +41,13 @@ class Correction:
     def __post_init__(self):
         _positive(self, "seq_len", "batch_size")
         if self.tokens < 0:
-            raise CompactLMError("correction.tokens must be >= 0 (0 skips teacher correction)")
+            raise CompactLMError(f"{type(self).__name__.lower()}.tokens must be >= 0")
+
+
+@dataclass(frozen=True)
+class Correction(Training):
+    """Teacher correction (Minitron step 1): CE fine-tuning of the teacher on the distillation data.
+    `tokens: 0` skips it (the teacher is used as shipped)."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +62,10 @@ class Importance:
 
 
 @dataclass(frozen=True)
-class Distill:
+class Distill(Training):
     """Retraining every student by distillation from the (corrected) teacher, with the same budget."""
 
     tokens: int = 24576
-    seq_len: int = 256
-    batch_size: int = 4
-    lr: float = 1e-4
-    min_lr: float = 1e-5
     loss: str = "logit"
     """logit | logit+hidden | logit+hidden+embedding | auto | ce (see compress distill)."""
     temperature: float = 1.0
