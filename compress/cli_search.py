@@ -23,6 +23,20 @@ def _fraction(text: str, what: str) -> float:
     return value
 
 
+LEADERBOARD_COLUMNS = (
+    "rank",
+    "candidate",
+    "params",
+    "zero_shot_loss",
+    "heldout_loss",
+    "perplexity",
+    "request_throughput",
+    "speedup_vs_source",
+    "on_front",
+    "winner",
+)
+
+
 def candidates_table(frame, title: str, total_params: int | None = None) -> Table:
     table = Table(title=title)
     columns = [c for c in frame.columns if c not in ("pruned", "retrained", "role", "final_train_loss")]
@@ -33,7 +47,9 @@ def candidates_table(frame, title: str, total_params: int | None = None) -> Tabl
         cells = []
         for column in columns:
             value = row[column]
-            if column == "params":
+            if column == "rank" and isinstance(value, float):
+                cells.append("" if value != value else str(int(value)))
+            elif column == "params":
                 cells.append(f"{value / 1e6:.1f}M")
             elif column == "params_fraction":
                 cells.append(f"{value:.1%}")
@@ -81,7 +97,7 @@ def register(app: typer.Typer) -> None:
         isl: Annotated[int, typer.Option(help="Throughput: input tokens per request.")] = 128,
         osl: Annotated[int, typer.Option(help="Throughput: output tokens per request.")] = 128,
         batch: Annotated[int, typer.Option(help="Throughput: requests submitted at once.")] = 8,
-        repeats: Annotated[int, typer.Option(help="Throughput: repeats (median reported).")] = 2,
+        repeats: Annotated[int, typer.Option(help="Throughput: repeats (median reported).")] = 3,
         engine_precision: Annotated[str, typer.Option(help="Throughput: cpu engine precision.")] = "fp32",
         loss_slack: Annotated[
             float, typer.Option(help="loss+throughput: the winner is the fastest within this many nats of the best.")
@@ -135,12 +151,13 @@ def register(app: typer.Typer) -> None:
             from bench.candidates import ThroughputSpec, measure_throughput
 
             spec = ThroughputSpec(isl=isl, osl=osl, batch=batch, repeats=repeats, precision=engine_precision)
-            measure = lambda checkpoint, engine: measure_throughput(checkpoint, engine, spec)  # noqa: E731
+            measure = lambda models: measure_throughput(models, spec)  # noqa: E731
         with stage_progress() as update:
             result = run_search(model, out, cfg, measure=measure, overwrite=overwrite, progress=update)
         board = result.leaderboard
-        console.print(candidates_table(board, f"leaderboard: {out}/leaderboard.csv (plot: {out}/search.png)"))
-        name = board.loc[board["winner"].fillna(False).astype(bool), "candidate"].iloc[0]
+        shown = [c for c in LEADERBOARD_COLUMNS if c in board]
+        console.print(candidates_table(board[shown], f"leaderboard: {out}/leaderboard.csv (plot: {out}/search.png)"))
+        name = board.loc[board["winner"].eq(True), "candidate"].iloc[0]
         console.print(f"[green]winner[/]: {name} -> [bold]{result.winner}[/] (the pruned checkpoint: distill it fully)")
 
 

@@ -14,9 +14,10 @@ request throughput each candidate's engine measures.
 - Retraining is the distillation job (`compress.retrain.distill_checkpoint`, the one training loop) with the
   same data, tokens, schedule and loss for every candidate; by default from cached top-k teacher logits, made
   once, so the teacher runs once for all candidates.
-- Throughput (rank_by loss+throughput) comes from a `measure(checkpoint, engine_dir) -> dict` function given
-  by the caller: the benchmark harness lives above compress (bench -> engines -> compress), so compress does not
-  import it; the CLI passes `bench.candidates.measure_throughput`.
+- Throughput (rank_by loss+throughput) comes from a `measure([(checkpoint, engine_dir), ...]) -> [dict, ...]`
+  function given by the caller, which times the candidates and the source model interleaved (repeat-major), so
+  that a busy machine's drift hits all alike: the benchmark harness lives above compress (bench -> engines ->
+  compress), so compress does not import it; the CLI passes `bench.candidates.measure_throughput`.
 
 Everything lands in OUT and a re-run resumes: `search.json` (settings; a re-run with other settings that change
 results is refused), `scores.safetensors`, `screen.csv` (grown a row at a time), `teacher-cache/`,
@@ -42,8 +43,9 @@ from compress.errors import CompactLMError
 from compress.search_space import AXES, Candidate, SearchSpace, enumerate_candidates, parse_axes
 
 RANK_BY = ("loss", "loss+throughput")
-Measure = Callable[[Path, Path], dict]
-"""measure(checkpoint, engine_dir) -> {"request_throughput": req/s, "output_throughput": tok/s, ...}."""
+Measure = Callable[[list[tuple[Path, Path]]], list[dict]]
+"""measure([(checkpoint, engine_dir), ...]) -> one {"request_throughput": req/s, "output_throughput": tok/s, ...}
+per pair, measured interleaved."""
 
 
 @dataclass
@@ -89,7 +91,7 @@ class SearchConfig:
     osl: int = 128
     batch: int = 8
     """Requests in flight when throughput is measured (offline: all at once)."""
-    repeats: int = 2
+    repeats: int = 3
     engine_precision: str = "fp32"
     loss_slack: float = 0.02
     """loss+throughput: the winner is the fastest candidate on the Pareto front whose held-out loss is within
@@ -310,19 +312,26 @@ def _retrain(model, scores, candidate: Candidate, teacher: Path, cache: Path | N
     return result
 
 
-def _throughput(checkpoint: Path, folder: Path, cfg: SearchConfig, measure: Measure) -> dict:
-    """throughput.json beside the candidate, measured again only when the throughput settings changed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    file = folder / "throughput.json"
+def _throughputs(models: list[tuple[Path, Path]], cfg: SearchConfig, measure: Measure) -> list[dict]:
+    """(checkpoint, folder) -> throughput.json in each folder. Kept while the throughput settings are the same;
+    the missing ones are measured together, interleaved."""
     settings = cfg.throughput_settings()
-    if file.is_file():
-        saved = json.loads(file.read_text())
-        if saved.get("settings") == settings:
-            return saved["result"]
-    engine = folder / f"engine-{cfg.engine_precision}"
-    result = measure(checkpoint, engine)
-    write_json(file, {"settings": settings, "result": result})
-    return result
+    results: dict[int, dict] = {}
+    for i, (_, folder) in enumerate(models):
+        file = folder / "throughput.json"
+        if file.is_file():
+            saved = json.loads(file.read_text())
+            if saved.get("settings") == settings:
+                results[i] = saved["result"]
+    todo = [i for i in range(len(models)) if i not in results]
+    if todo:
+        pairs = [(models[i][0], models[i][1] / f"engine-{cfg.engine_precision}") for i in todo]
+        for i in todo:
+            models[i][1].mkdir(parents=True, exist_ok=True)
+        for i, result in zip(todo, measure(pairs), strict=True):
+            write_json(models[i][1] / "throughput.json", {"settings": settings, "result": result})
+            results[i] = result
+    return [results[i] for i in range(len(models))]
 
 
 def _reference(name: str, path: Path, cfg: SearchConfig, role: str) -> dict:
@@ -402,12 +411,11 @@ def run_search(
     if teacher != source:
         references.append(_reference("teacher", teacher, cfg, "teacher"))
     if cfg.rank_by == "loss+throughput":
-        measured = [
-            _throughput(Path(r["retrained"]), out / "candidates" / r["candidate"], cfg, measure) for r in results
-        ]
+        models = [(source, out / "source")]
+        models += [(Path(r["retrained"]), out / "candidates" / r["candidate"]) for r in results]
+        ref, *measured = _throughputs(models, cfg, measure)
         for key in ("request_throughput", "output_throughput"):
             board[key] = [m[key] for m in measured]
-        ref = _throughput(source, out / "source", cfg, measure)
         for key in ("request_throughput", "output_throughput"):
             references[0][key] = ref[key]
         board["speedup_vs_source"] = board["request_throughput"] / ref["request_throughput"]

@@ -134,10 +134,13 @@ def _search_config(corpus, **overrides) -> SearchConfig:
 
 
 def _fake_measure(calls):
-    def measure(checkpoint, engine):
-        calls.append(str(checkpoint))
-        params = count_model_params(load_model(checkpoint))
-        return {"request_throughput": 1e8 / params, "output_throughput": 1e10 / params}
+    def measure(models):
+        results = []
+        for checkpoint, _engine in models:
+            calls.append(str(checkpoint))
+            params = count_model_params(load_model(checkpoint))
+            results.append({"request_throughput": 1e8 / params, "output_throughput": 1e10 / params})
+        return results
 
     return measure
 
@@ -198,3 +201,16 @@ def test_the_search_command_shows_the_table_and_refuses_an_unreachable_budget(re
     result = cli("compress", "search", teacher, "--out", tmp_path / "s", "--params", "20%", "--axes", "depth")
     assert isinstance(result.exception, CompactLMError)
     assert "depth alone reaches at most" in str(result.exception)
+
+
+def test_throughput_is_measured_interleaved_on_engines_built_once(tiny_dir, tmp_path):
+    from bench.candidates import ThroughputSpec, measure_throughput
+
+    spec = ThroughputSpec(isl=8, osl=4, batch=2, repeats=2, backend="torch")
+    models = [(tiny_dir, tmp_path / "a"), (tiny_dir, tmp_path / "b")]
+    first = measure_throughput(models, spec)
+    assert [len(r["request_throughput_runs"]) for r in first] == [2, 2]  # the warm-up round is not counted
+    assert all(r["request_throughput"] > 0 and r["output_throughput"] > r["request_throughput"] for r in first)
+    built = (tmp_path / "a" / "engine.json").stat().st_mtime_ns
+    measure_throughput(models[:1], spec)
+    assert (tmp_path / "a" / "engine.json").stat().st_mtime_ns == built  # reused, not rebuilt
