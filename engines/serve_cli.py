@@ -52,6 +52,10 @@ def run(
         int | None, typer.Option(help="Largest batch of Triton's dynamic batcher (default: the engine's limit).")
     ] = None,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long the batcher waits to fill a batch (us).")] = 2000,
+    stream_instances: Annotated[
+        int | None,
+        typer.Option(help="Instances of the streaming model, each a process carrying responses [engine batch / 8]."),
+    ] = None,
     model_name: Annotated[
         str | None, typer.Option(help="Model name on the OpenAI route (default: the engine folder's name).")
     ] = None,
@@ -69,6 +73,7 @@ def run(
         openai_port=openai_port or None,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
+        stream_instances=stream_instances,
         model_name=model_name,
         log_file=log_file,
     )

@@ -40,6 +40,9 @@ class ServeConfig:
     """Largest batch Triton's dynamic batcher forms for `compactlm_full`; default and maximum: the engine's."""
     max_queue_delay_us: int = 2000
     """How long the dynamic batcher waits to fill a batch."""
+    stream_instances: int | None = None
+    """Instances of the streaming model (each a Python-backend process that carries responses); default one per
+    8 sequences of the engine's max_batch_size."""
     model_name: str | None = None
     """The name the OpenAI route serves (default: the engine folder's name)."""
     log_file: Path | None = None
@@ -60,6 +63,8 @@ class ServeConfig:
             raise CompactLMError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise CompactLMError("max_queue_delay_us must be >= 0")
+        if self.stream_instances is not None and self.stream_instances < 1:
+            raise CompactLMError(f"stream_instances must be at least 1, got {self.stream_instances}")
 
 
 def python_libdir() -> str:
@@ -115,7 +120,8 @@ class Server:
         try:
             name = cfg.model_name or self.engine_dir.resolve().name
             self.service = GenerationService(self.engine, name)
-            self.models = TritonModels(self.service, cfg.max_batch_size or limit, cfg.max_queue_delay_us)
+            instances = cfg.stream_instances or max(1, -(-limit // 8))
+            self.models = TritonModels(self.service, cfg.max_batch_size or limit, cfg.max_queue_delay_us, instances)
             if cfg.openai_port is not None:  # bind first: a taken port fails before Triton starts
                 from engines.openai_route import OpenAIRoute
 

@@ -42,7 +42,9 @@ def server(engine_dir):
     from engines.serving import ServeConfig, Server
 
     http, grpc, metrics, openai = free_ports(4)
-    config = ServeConfig(http_port=http, grpc_port=grpc, metrics_port=metrics, openai_port=openai, max_batch_size=4)
+    config = ServeConfig(
+        http_port=http, grpc_port=grpc, metrics_port=metrics, openai_port=openai, max_batch_size=4, stream_instances=2
+    )
     server = Server(engine_dir, config)
     try:
         server.start()
@@ -176,7 +178,11 @@ def test_health_readiness_and_metrics(server):
     cfg = server.config
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{TRITON_MODEL}/ready"):
         assert urllib.request.urlopen(f"http://{HOST}:{cfg.http_port}{path}", timeout=5).status == 200
-    assert _metric(cfg.metrics_port, "nv_inference_request_success", TRITON_MODEL) >= 1
+    before = _metric(cfg.metrics_port, "nv_inference_request_success", TRITON_MODEL)
+    assert triton_http_stream(cfg.http_port, {"input_ids": [5, 6], "max_tokens": 2})[0] == 200
+    assert _metric(cfg.metrics_port, "nv_inference_request_success", TRITON_MODEL) == before + 1
+    config = json.loads(urllib.request.urlopen(f"http://{HOST}:{cfg.http_port}/v2/models/{TRITON_MODEL}/config").read())
+    assert config["instance_group"][0]["count"] == 2 and config["model_transaction_policy"]["decoupled"]
     models = json.loads(urllib.request.urlopen(f"http://{HOST}:{cfg.openai_port}/v1/models", timeout=5).read())
     assert [m["id"] for m in models["data"]] == ["tiny"]
 
