@@ -125,7 +125,9 @@ class OpenAIRoute:
 
     def stop(self, drain_s: float = 10.0) -> None:
         """Stop accepting, wait up to `drain_s` for the requests in flight, close the socket."""
-        self.httpd.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever: forever if it never ran
+            self.httpd.shutdown()
+            self._thread = None
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=drain_s)
         self.httpd.server_close()

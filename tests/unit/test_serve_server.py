@@ -252,3 +252,15 @@ def test_serve_cli_runs_by_default_and_refuses_a_missing_engine(tmp_path):
     assert "--max-batch-size" in cli("serve", "run", "--help").output
     result = cli("serve", tmp_path / "nothing")  # `serve ENGINE` is `serve run ENGINE`
     assert result.exit_code != 0 and "does not exist" in str(result.exception)
+
+
+def test_a_route_that_never_started_stops_at_once(engine_dir):
+    """Server.start stops what it made when Triton fails to start; the OpenAI route was made but not started."""
+    from engines.generation import GenerationService
+    from engines.openai_route import OpenAIRoute
+
+    with load_engine(engine_dir) as engine:
+        route = OpenAIRoute(GenerationService(engine, "tiny"), HOST, 0, "tiny")
+        done = threading.Event()
+        threading.Thread(target=lambda: (route.stop(drain_s=1), done.set()), daemon=True).start()
+        assert done.wait(5), "stop() hung on a route that never served"
