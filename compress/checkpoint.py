@@ -98,7 +98,8 @@ def check_weights(path: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError) as exc:
             raise CompactLMError(f"{index} is corrupt: {exc}") from exc
     else:
-        files = sorted(path.glob("*.safetensors"))
+        # compactlm's own side files (the kept indices of a pruning: compactlm.kept.N.safetensors) are not weights
+        files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("compactlm."))
     if not files:
         extra = " (only PyTorch .bin weights found: convert them to safetensors)" if any(path.glob("*.bin")) else ""
         raise CompactLMError(f"{path} has no safetensors weights{extra}")

@@ -146,6 +146,12 @@ def test_check_weights_rejects_a_truncated_file(tiny_dir):
         load_model(tiny_dir)
 
 
+def test_check_weights_leaves_out_compactlms_side_files(retrain_checkpoints):
+    student = retrain_checkpoints["student"]  # pruned: its kept indices are a safetensors file beside the weights
+    assert any(student.glob("compactlm.kept*.safetensors"))
+    assert check_weights(student) == [student / "model.safetensors"]
+
+
 def test_check_weights_rejects_garbage(tiny_dir):
     (tiny_dir / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CompactLMError, match="corrupt or truncated"):

@@ -105,6 +105,15 @@ def test_quantize_command_then_eval_measures_the_cost(retrain_checkpoints, tmp_p
     assert abs(frame["heldout_loss"].iloc[1] - frame["heldout_loss"].iloc[0]) < 0.5
 
 
+def test_a_pruned_student_quantizes_and_reloads(retrain_checkpoints, tmp_path, tokens):
+    student, corpus = retrain_checkpoints["student"], retrain_checkpoints["corpus"]
+    out = tmp_path / "q"
+    quantize_checkpoint(student, out, QuantizeConfig("fp8", calib_data=str(corpus), calib_samples=32, calib_seq_len=32))
+    model = load_model(out)  # the student's kept-indices file beside the weights is not read as weights
+    assert quantized_format(out) == "fp8" and quantized_modules(model) > 0
+    assert logits(model, tokens).shape[-1] == logits(load_model(student), tokens).shape[-1]
+
+
 @pytest.mark.parametrize("fmt", ["int8-sq", "int4-awq"])
 def test_the_trtllm_builder_exports_a_quantized_checkpoints_own_scales(fmt, tiny_dir, tmp_path):
     model = load_model(tiny_dir)
