@@ -48,8 +48,10 @@ if [[ $what == quantize || $what == all ]]; then
     [ -d "runs/quant/teacher-$fmt" ] || $C compress quantize smollm2-135m "runs/quant/teacher-$fmt" --format "$fmt"
     [ -d "runs/quant/student-$fmt" ] || $C compress quantize "$STUDENT" "runs/quant/student-$fmt" --format "$fmt"
   done
-  $C compress eval smollm2-135m runs/quant/teacher-{fp8,int8-sq,int4-awq} "${EVAL[@]}" --out runs/quant/teacher.csv
-  $C compress eval "$STUDENT" runs/quant/student-{fp8,int8-sq,int4-awq} "${EVAL[@]}" --out runs/quant/student.csv
+  [ -f runs/quant/teacher.csv ] || $C compress eval smollm2-135m runs/quant/teacher-{fp8,int8-sq,int4-awq} \
+    "${EVAL[@]}" --out runs/quant/teacher.csv
+  [ -f runs/quant/student.csv ] || $C compress eval "$STUDENT" runs/quant/student-{fp8,int8-sq,int4-awq} \
+    "${EVAL[@]}" --out runs/quant/student.csv
   .venv/bin/python docs/compress/quant_table.py runs/quant/teacher.csv runs/quant/student.csv \
     > docs/compress/quantization.md
   # the quantized checkpoints export to TensorRT-LLM checkpoints with their own scales (read back and compared)
@@ -58,3 +60,4 @@ if [[ $what == quantize || $what == all ]]; then
       --backend trtllm --precision "$fmt" --checkpoint-only --max-batch-size 8 --max-input-len 512 --max-seq-len 1024
   done
 fi
+

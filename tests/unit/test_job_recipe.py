@@ -38,7 +38,10 @@ def test_the_repo_recipe_loads_with_both_budgets():
     assert small.engines.precisions == ("bf16", "int8")
     assert full.distill.tokens > small.distill.tokens and full.correction.tokens > small.correction.tokens
     assert full.evaluate.task_limit == 200 and full.sweep.repeats == 2 and len(full.sweep.shapes) == 2
-    assert full.students == small.students  # a budget changes the effort, not the students
+    # the full budget adds the architecture search's winner beside the two hand-picked students, unchanged
+    assert set(full.students) == {"width", "depth", "searched"}
+    assert {name: full.students[name] for name in small.students} == small.students
+    assert full.students["searched"].num_query_groups == 2 and full.students["searched"].num_layers == 26
     assert small.headline == (128, 128, 32)
     assert small.default_out() == Path("runs/smollm2-minitron-small")
 
