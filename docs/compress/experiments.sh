@@ -52,7 +52,8 @@ if [[ $what == quantize || $what == all ]]; then
     "${EVAL[@]}" --out runs/quant/teacher.csv
   [ -f runs/quant/student.csv ] || $C compress eval "$STUDENT" runs/quant/student-{fp8,int8-sq,int4-awq} \
     "${EVAL[@]}" --out runs/quant/student.csv
-  .venv/bin/python docs/compress/quant_table.py runs/quant/teacher.csv runs/quant/student.csv \
+  .venv/bin/python docs/compress/quant_table.py "SmolLM2-135M=runs/quant/teacher.csv" \
+    "width student (distilled)=runs/quant/student.csv" \
     > docs/compress/quantization.md
   # the quantized checkpoints export to TensorRT-LLM checkpoints with their own scales (read back and compared)
   for fmt in fp8 int8-sq int4-awq; do

@@ -1,7 +1,7 @@
 """The quantization table of docs/compress/README.md from `compress eval` results: one CSV per unquantized model,
 its first row the unquantized model, the rest its quantized copies (format read from each checkpoint's record).
 
-    python docs/compress/quant_table.py runs/quant/teacher.csv runs/quant/student.csv > docs/compress/quantization.md
+    python docs/compress/quant_table.py "SmolLM2-135M=runs/quant/teacher.csv" "width student=runs/quant/student.csv"
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pandas as pd
 from compress.checkpoint import read_record
 
 
-def rows(path: str) -> list[dict]:
+def rows(label: str, path: str) -> list[dict]:
     frame = pd.read_csv(path)
     base = frame.iloc[0]
     tasks = [c for c in frame.columns if c.startswith("acc_")]
@@ -22,11 +22,12 @@ def rows(path: str) -> list[dict]:
         ops = [op for op in (read_record(row["path"]) or {}).get("history", []) if op.get("op") == "quantize"]
         fmt = ops[-1]["format"] if ops else "unquantized"
         cells = {
-            "model": base["model"],
+            "model": label,
             "params": f"{base['params'] / 1e6:.1f}M",
             "format": fmt,
             "perplexity": f"{row['perplexity']:.2f}",
             "Δ ppl": "" if i == 0 else f"{row['perplexity'] / base['perplexity'] - 1:+.1%}",
+            "Δ loss (nats)": "" if i == 0 else f"{row['heldout_loss'] - base['heldout_loss']:+.3f}",
         }
         for task in tasks:
             delta = "" if i == 0 else f" ({row[task] - base[task]:+.3f})"
@@ -36,7 +37,8 @@ def rows(path: str) -> list[dict]:
 
 
 def main() -> None:
-    table = pd.DataFrame([r for path in sys.argv[1:] for r in rows(path)])
+    pairs = [arg.split("=", 1) if "=" in arg else (arg, arg) for arg in sys.argv[1:]]
+    table = pd.DataFrame([r for label, path in pairs for r in rows(label, path)])
     header = "| " + " | ".join(table.columns) + " |"
     print(header)
     print("|" + "---|" * len(table.columns))
