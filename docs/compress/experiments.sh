@@ -61,4 +61,3 @@ if [[ $what == quantize || $what == all ]]; then
       --backend trtllm --precision "$fmt" --checkpoint-only --max-batch-size 8 --max-input-len 512 --max-seq-len 1024
   done
 fi
-
