@@ -10,7 +10,8 @@ Precisions (weights / compute / KV cache):
   bf16  fp32 / bf16 / u8   OpenVINO's own CPU default on AVX-512-bf16/AMX CPUs
   int8  int8 per-channel (NNCF, data-free) / bf16 / u8
   int4  int4 symmetric, groups of 64 (NNCF AWQ + scale estimation on calibration text; embeddings int8) / bf16 / u8
-The prefix cache is off: a benchmark must pay for every prompt's prefill.
+Each layer's q/k/v projections are fused into one matmul after export (engines/openvino_fuse.py: exact, fewer and
+wider kernels). The prefix cache is off: a benchmark must pay for every prompt's prefill.
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ class CpuBackend(Backend):
     def build(self, checkpoint: Path, out: Path, config: BuildConfig) -> dict:
         from compress.checkpoint import read_config
         from engines.openvino_export import export_openvino
+        from engines.openvino_fuse import fuse_ir
 
         weight_format, properties = PRECISIONS[config.precision]
         calibration = calibration_texts(checkpoint, config) if weight_format == "int4" else None
         info = export_openvino(checkpoint, out / "model", weight_format, read_config(checkpoint), calibration)
         if weight_format == "int4" and not calibration:
             info["int4_method"] = "data-free (the checkpoint has no tokenizer to read calibration text with)"
+        info["fused_qkv_layers"] = fuse_ir(out / "model" / "openvino_model.xml")["groups"]
         info["properties"] = properties
         info["prefix_caching"] = False
         return info

@@ -63,6 +63,7 @@ def test_manifest_records_source_limits_and_runtime(tiny):
     assert manifest.source["path"] == str(tiny["ckpt"].resolve()) and len(manifest.source["sha256"]) == 64
     assert manifest.model["head_dim"] == 16 and manifest.model["num_layers"] == 4
     assert manifest.backend_info["properties"] == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    assert manifest.backend_info["fused_qkv_layers"] == 4  # one q/k/v matmul per layer
     assert {"openvino", "openvino-genai", "torch", "transformers"} <= set(manifest.libraries)
     assert manifest.host["cpu_count"] >= 1 and manifest.build_seconds > 0
     assert (tiny["cpu"] / "model" / "openvino_model.xml").is_file()
