@@ -81,6 +81,8 @@ class BuildConfig:
     calib_samples: int = 32
     calib_seq_len: int = 256
     """Calibration data for precisions that need activation statistics (FP8 scales)."""
+    fuse_qkv: bool = True
+    """cpu: one q/k/v matmul per layer (exact, faster); False keeps the stock export (benchmarks compare both)."""
 
     def __post_init__(self):
         if not isinstance(self.tp_size, int) or self.tp_size < 1:

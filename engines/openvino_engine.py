@@ -86,7 +86,7 @@ class CpuBackend(Backend):
         info = export_openvino(checkpoint, out / "model", weight_format, read_config(checkpoint), calibration)
         if weight_format == "int4" and not calibration:
             info["int4_method"] = "data-free (the checkpoint has no tokenizer to read calibration text with)"
-        info["fused_qkv_layers"] = fuse_ir(out / "model" / "openvino_model.xml")["groups"]
+        info["fused_qkv_layers"] = fuse_ir(out / "model" / "openvino_model.xml")["groups"] if config.fuse_qkv else 0
         info["properties"] = properties
         info["prefix_caching"] = False
         return info

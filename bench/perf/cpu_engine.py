@@ -1,5 +1,6 @@
 """The `cpu` engine's speed, side by side in one run: transformers `generate` (the baseline), the bare OpenVINO GenAI
-pipeline the engine wraps (its own `generate`, same compiled model and scheduler), and compactlm's engine.
+pipeline the engine wraps (its own `generate`, same compiled model and scheduler), compactlm's engine, and the stock
+export (optimum-intel's IR as is, no q/k/v fusion) on the bare pipeline: what OpenVINO GenAI alone would give.
 
 Workload: ISL/OSL 128/128 (prefill included), exactly 128 output tokens per request (ignore EOS), fresh random
 prompts for every run (so that no prefix cache could skip prefill; it is off anyway), batch 1, 8 and 32; all
@@ -12,7 +13,8 @@ batch 32; the wrapper within 3% of the bare engine.
     python -m bench.perf.cpu_engine --build runs/engines [--repeats 3] [--out results.json]
     python -m bench.perf.cpu_engine --engines fp32=ENGINE_DIR int4=ENGINE_DIR ...
 
---build DIR builds (once) the SmolLM2-135M cpu engines of every precision into DIR and measures them.
+--build DIR builds (once) the SmolLM2-135M cpu engines of every precision into DIR, and the stock exports of
+--stock's precisions (labels PRECISION-stock, measured bare only), and measures them.
 """
 
 from __future__ import annotations
@@ -62,25 +64,38 @@ def wrapper_run(engine, prompts: np.ndarray, osl: int) -> int:
     return sum(len(c.tokens) for c in completions)
 
 
-def ensure_engine(checkpoint: str | Path, out: Path, precision: str, limits) -> Path:
-    """The cpu engine at `out`, built first if it is not there (benchmarks reuse their engines between runs)."""
-    from engines import BuildConfig, build_engine
+def ensure_engine(checkpoint: str | Path, out: Path, precision: str, limits, fuse_qkv: bool = True) -> Path:
+    """The cpu engine at `out`, built first if it is not there or was built otherwise (benchmarks reuse engines)."""
+    from engines import BuildConfig, build_engine, read_manifest
 
-    if not (out / "engine.json").is_file():
-        print(f"building {out}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        build_engine(checkpoint, out, BuildConfig(backend="cpu", precision=precision, limits=limits))
+    stale = False
+    if (out / "engine.json").is_file():
+        built = read_manifest(out)
+        fused = bool(built.backend_info.get("fused_qkv_layers"))
+        stale = (built.precision, built.limits, fused) != (precision, limits, fuse_qkv)
+        if not stale:
+            return out
+    print(f"{'rebuilding (built with other settings)' if stale else 'building'} {out}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = BuildConfig(backend="cpu", precision=precision, limits=limits, fuse_qkv=fuse_qkv)
+    build_engine(checkpoint, out, config, overwrite=stale)
     return out
 
 
-def build_all(folder: Path, precisions: list[str], checkpoint: str, batch: int, isl: int, osl: int) -> list[str]:
+def build_all(
+    folder: Path, precisions: list[str], stock: list[str], checkpoint: str, batch: int, isl: int, osl: int
+) -> list[str]:
     from engines import Limits
 
     limits = Limits(max_batch_size=batch, max_input_len=isl, max_seq_len=isl + osl, max_num_tokens=2048)
-    return [
+    built = [
         f"{precision}={ensure_engine(checkpoint, folder / f'{checkpoint}-cpu-{precision}', precision, limits)}"
         for precision in precisions
     ]
+    for precision in stock:
+        out = ensure_engine(checkpoint, folder / f"{checkpoint}-cpu-{precision}-stock", precision, limits, False)
+        built.append(f"{precision}-stock={out}")
+    return built
 
 
 def main() -> None:
@@ -88,6 +103,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=[], help="LABEL=ENGINE_DIR of cpu engines")
     parser.add_argument("--build", type=Path, help="build missing SmolLM2 cpu engines (fp32, bf16, int8, int4) here")
     parser.add_argument("--precisions", default="fp32,bf16,int8,int4", help="with --build: which to measure")
+    parser.add_argument("--stock", default="fp32,int4", help="with --build: stock exports to measure ('' for none)")
     parser.add_argument("--baseline", default="smollm2-135m", help="checkpoint for transformers generate (fp32)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--isl", type=int, default=128)
@@ -103,8 +119,9 @@ def main() -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     if args.build:
+        stock = [p for p in args.stock.split(",") if p]
         args.engines += build_all(
-            args.build, args.precisions.split(","), args.baseline, max(batches), args.isl, args.osl
+            args.build, args.precisions.split(","), stock, args.baseline, max(batches), args.isl, args.osl
         )
     if not args.engines:
         raise SystemExit("give --engines LABEL=DIR ... or --build DIR")
@@ -118,9 +135,11 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}; engines: " + ", ".join(e.name for e in engines.values()))
 
     runs = {"transformers": lambda p: transformers_run(model, p, args.osl)}
+    wrapped = [label for label in engines if not label.endswith("-stock")]
     for label, engine in engines.items():
         runs[f"{label} bare"] = lambda p, e=engine: bare_run(e, p, args.osl)
-        runs[f"{label} compactlm"] = lambda p, e=engine: wrapper_run(e, p, args.osl)
+        if label in wrapped:
+            runs[f"{label} compactlm"] = lambda p, e=engine: wrapper_run(e, p, args.osl)
 
     for fn in runs.values():  # warm-up: compile, allocate caches
         fn(fresh_prompts(rng, 2, args.isl, vocab))
@@ -148,7 +167,7 @@ def main() -> None:
             cells.append(f"{rate:9.1f} ({rate / base:4.2f}x)")
         print(f"{name:<24}" + "".join(f"{c:>20}" for c in cells))
     print("\nwrapper cost vs bare engine (positive = slower):")
-    for label in engines:
+    for label in wrapped:
         costs = [1 - median[(f"{label} compactlm", b)] / median[(f"{label} bare", b)] for b in batches]
         print(f"  {label}: " + ", ".join(f"batch {b} {c * 100:+.1f}%" for b, c in zip(batches, costs, strict=True)))
     if args.out:

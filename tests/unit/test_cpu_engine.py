@@ -181,3 +181,23 @@ def test_build_survives_a_failing_export_without_leaving_files(tiny, tmp_path, m
     with pytest.raises(CompactLMError, match="boom"):
         build_engine(tiny["ckpt"], tmp_path / "eng", BuildConfig(limits=LIMITS))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_reuses_a_matching_engine_and_rebuilds_the_stock_export_with_the_same_tokens(tiny, tmp_path):
+    import shutil
+
+    from bench.perf.cpu_engine import ensure_engine
+
+    engine_dir = tmp_path / "engine"
+    shutil.copytree(tiny["cpu"], engine_dir)
+    built = (engine_dir / "engine.json").read_text()
+    assert ensure_engine(tiny["ckpt"], engine_dir, "fp32", LIMITS) == engine_dir
+    assert (engine_dir / "engine.json").read_text() == built  # same settings: reused, not rebuilt
+    ensure_engine(tiny["ckpt"], engine_dir, "fp32", LIMITS, fuse_qkv=False)
+    assert read_manifest(engine_dir).backend_info["fused_qkv_layers"] == 0
+    prompts = prompts_of(seed=9)
+    tokens = {}
+    for label, path in (("fused", tiny["cpu"]), ("stock", engine_dir)):
+        with load_engine(path) as engine:
+            tokens[label] = [c.tokens for c in engine.generate(prompts, max_new_tokens=NEW, ignore_eos=True)]
+    assert tokens["fused"] == tokens["stock"]
