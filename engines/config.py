@@ -81,8 +81,9 @@ class BuildConfig:
     calib_samples: int = 32
     calib_seq_len: int = 256
     """Calibration data for precisions that need activation statistics (FP8 scales)."""
-    fuse_qkv: bool = True
-    """cpu: one q/k/v matmul per layer (exact, faster); False keeps the stock export (benchmarks compare both)."""
+    fuse_qkv: bool | None = None
+    """cpu: one q/k/v matmul per layer instead of three (exact). None: where it measured faster (int8/int4
+    weights); True/False force it (False keeps the stock export, which benchmarks compare against)."""
 
     def __post_init__(self):
         if not isinstance(self.tp_size, int) or self.tp_size < 1:

@@ -64,15 +64,18 @@ def wrapper_run(engine, prompts: np.ndarray, osl: int) -> int:
     return sum(len(c.tokens) for c in completions)
 
 
-def ensure_engine(checkpoint: str | Path, out: Path, precision: str, limits, fuse_qkv: bool = True) -> Path:
-    """The cpu engine at `out`, built first if it is not there or was built otherwise (benchmarks reuse engines)."""
+def ensure_engine(checkpoint: str | Path, out: Path, precision: str, limits, stock: bool = False) -> Path:
+    """The cpu engine at `out` (`stock`: the export as is, no q/k/v fusion), built first if it is not there or was
+    built otherwise: benchmarks reuse their engines between runs."""
     from engines import BuildConfig, build_engine, read_manifest
+    from engines.openvino_engine import fuses_qkv
 
+    fuse_qkv = False if stock else None
     stale = False
     if (out / "engine.json").is_file():
         built = read_manifest(out)
         fused = bool(built.backend_info.get("fused_qkv_layers"))
-        stale = (built.precision, built.limits, fused) != (precision, limits, fuse_qkv)
+        stale = (built.precision, built.limits, fused) != (precision, limits, fuses_qkv(precision, fuse_qkv))
         if not stale:
             return out
     print(f"{'rebuilding (built with other settings)' if stale else 'building'} {out}", flush=True)
@@ -93,7 +96,7 @@ def build_all(
         for precision in precisions
     ]
     for precision in stock:
-        out = ensure_engine(checkpoint, folder / f"{checkpoint}-cpu-{precision}-stock", precision, limits, False)
+        out = ensure_engine(checkpoint, folder / f"{checkpoint}-cpu-{precision}-stock", precision, limits, stock=True)
         built.append(f"{precision}-stock={out}")
     return built
 
@@ -103,7 +106,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=[], help="LABEL=ENGINE_DIR of cpu engines")
     parser.add_argument("--build", type=Path, help="build missing SmolLM2 cpu engines (fp32, bf16, int8, int4) here")
     parser.add_argument("--precisions", default="fp32,bf16,int8,int4", help="with --build: which to measure")
-    parser.add_argument("--stock", default="fp32,int4", help="with --build: stock exports to measure ('' for none)")
+    parser.add_argument("--stock", default="int8,int4", help="with --build: stock exports to measure ('' for none)")
     parser.add_argument("--baseline", default="smollm2-135m", help="checkpoint for transformers generate (fp32)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--isl", type=int, default=128)

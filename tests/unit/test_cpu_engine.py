@@ -63,7 +63,7 @@ def test_manifest_records_source_limits_and_runtime(tiny):
     assert manifest.source["path"] == str(tiny["ckpt"].resolve()) and len(manifest.source["sha256"]) == 64
     assert manifest.model["head_dim"] == 16 and manifest.model["num_layers"] == 4
     assert manifest.backend_info["properties"] == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
-    assert manifest.backend_info["fused_qkv_layers"] == 4  # one q/k/v matmul per layer
+    assert manifest.backend_info["fused_qkv_layers"] == 0  # fp32 weights keep the stock graph
     assert {"openvino", "openvino-genai", "torch", "transformers"} <= set(manifest.libraries)
     assert manifest.host["cpu_count"] >= 1 and manifest.build_seconds > 0
     assert (tiny["cpu"] / "model" / "openvino_model.xml").is_file()
@@ -113,6 +113,7 @@ def test_int4_engine_is_smaller_and_generates(tiny, tmp_path):
     info = read_manifest(out).backend_info
     assert info["weight_format"] == "int4" and info["int4_group_size"] == 16
     assert info["int4_method"] == "AWQ + scale estimation on 4 calibration texts"
+    assert info["fused_qkv_layers"] == 4  # compressed weights: one q/k/v matmul per layer
 
     def size(folder):
         return sum(f.stat().st_size for f in (folder / "model").glob("openvino_model.bin"))
@@ -183,21 +184,20 @@ def test_build_survives_a_failing_export_without_leaving_files(tiny, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
-def test_benchmark_reuses_a_matching_engine_and_rebuilds_the_stock_export_with_the_same_tokens(tiny, tmp_path):
-    import shutil
-
+def test_fused_qkv_engine_gives_the_stock_engines_tokens_and_the_benchmark_rebuilds_it(tiny, tmp_path):
     from bench.perf.cpu_engine import ensure_engine
 
-    engine_dir = tmp_path / "engine"
-    shutil.copytree(tiny["cpu"], engine_dir)
-    built = (engine_dir / "engine.json").read_text()
-    assert ensure_engine(tiny["ckpt"], engine_dir, "fp32", LIMITS) == engine_dir
-    assert (engine_dir / "engine.json").read_text() == built  # same settings: reused, not rebuilt
-    ensure_engine(tiny["ckpt"], engine_dir, "fp32", LIMITS, fuse_qkv=False)
-    assert read_manifest(engine_dir).backend_info["fused_qkv_layers"] == 0
+    fused = build_engine(tiny["ckpt"], tmp_path / "fused", BuildConfig(limits=LIMITS, fuse_qkv=True))
+    assert read_manifest(fused).backend_info["fused_qkv_layers"] == 4
     prompts = prompts_of(seed=9)
     tokens = {}
-    for label, path in (("fused", tiny["cpu"]), ("stock", engine_dir)):
+    for label, path in (("fused", fused), ("stock", tiny["cpu"])):
         with load_engine(path) as engine:
             tokens[label] = [c.tokens for c in engine.generate(prompts, max_new_tokens=NEW, ignore_eos=True)]
     assert tokens["fused"] == tokens["stock"]
+    # the benchmark reuses an engine built as it would build it, and rebuilds one built otherwise
+    built = (tiny["cpu"] / "engine.json").read_text()
+    assert ensure_engine(tiny["ckpt"], tiny["cpu"], "fp32", LIMITS, stock=True) == tiny["cpu"]
+    assert (tiny["cpu"] / "engine.json").read_text() == built
+    ensure_engine(tiny["ckpt"], fused, "fp32", LIMITS)
+    assert read_manifest(fused).backend_info["fused_qkv_layers"] == 0
