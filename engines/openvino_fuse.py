@@ -50,7 +50,7 @@ def _candidates(model, min_group: int) -> list[list]:
         if op.get_input_partial_shape(1).rank.get_length() != 2:
             continue
         source = op.input(0).get_source_output()
-        groups[(source.get_node().get_friendly_name(), source.get_index())].append(op)
+        groups[(source.get_node().get_name(), source.get_index())].append(op)
     return [ops for ops in groups.values() if len(ops) >= min_group]
 
 
@@ -62,7 +62,10 @@ def _concat_constants(nodes: list, rows: list[int]):
     kind = first.get_output_element_type(0)
     if any(n.get_output_element_type(0) != kind for n in nodes):
         raise _Unfusable("constants of different types")
-    if all(len(s) >= 1 and s[0] == r for s, r in zip(shapes, rows, strict=True)) and any(r != 1 for r in rows):
+    # per output row: [rows, k] weights, [rows, groups, group] int4 weights, [rows, 1] / [rows, groups, 1] scales
+    # (a 1-D constant broadcasts along the last axis, so it is never per row)
+    per_row = all(len(s) >= 2 and s[0] == r for s, r in zip(shapes, rows, strict=True))
+    if per_row and any(r != 1 for r in rows):
         if any(s[1:] != shapes[0][1:] for s in shapes):
             raise _Unfusable("per-row constants of different widths")
         shape = (sum(rows), *shapes[0][1:])
@@ -72,7 +75,7 @@ def _concat_constants(nodes: list, rows: list[int]):
         if target.size != packed.size:
             raise _Unfusable("packed constant sizes do not add up")
         target[:] = packed
-        return ov.op.Constant(tensor)
+        return ov.op.Constant(tensor).output(0)
     if all(s == shapes[0] for s in shapes) and all(np.array_equal(n.data, first.data) for n in nodes[1:]):
         return first.output(0)
     raise _Unfusable(f"constants {shapes} are neither per output row nor shared")
@@ -104,6 +107,7 @@ def _fuse_chain(nodes: list, rows: list[int]):
 
 def fuse_matmuls(model, min_group: int = 3) -> dict[str, int]:
     """Fuse, in place, every group of >= min_group matmuls sharing an input; returns {"groups", "matmuls"} fused."""
+    import openvino as ov
     from openvino import opset13 as ops
 
     fused_groups = fused_matmuls = 0
@@ -112,8 +116,11 @@ def fuse_matmuls(model, min_group: int = 3) -> dict[str, int]:
         rows = [int(op.get_output_partial_shape(0)[-1].get_length()) for op in group]
         try:
             weight = _fuse_chain(weights, rows)
-        except _Unfusable:
+        except (_Unfusable, RuntimeError):  # RuntimeError: OpenVINO's shape inference refused a fused node
             continue
+        k = group[0].get_input_partial_shape(1)[1]
+        if weight.get_partial_shape() != ov.PartialShape([sum(rows), k]):
+            continue  # a chain this does not understand: leave the group as it is
         source = group[0].input(0).get_source_output()
         matmul = ops.matmul(source, weight, transpose_a=False, transpose_b=True)
         matmul.set_friendly_name(group[0].get_friendly_name() + "/fused")

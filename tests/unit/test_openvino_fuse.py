@@ -88,6 +88,21 @@ def test_branches_with_different_weight_formats_are_not_fused():
         np.testing.assert_array_equal(g, e)
 
 
+def test_a_shared_per_input_channel_constant_is_not_taken_for_a_per_row_one():
+    """q/k/v as wide as the input (rows == k) whose weights are scaled by one [k] vector: shared, not per row."""
+    channel = np.random.default_rng(7).random(K).astype(np.float32)
+
+    def scaled_weight(rng, rows):
+        return ops.multiply(f32_weight(rng, rows), ops.constant(channel))
+
+    x = np.random.default_rng(8).standard_normal((1, 3, K)).astype(np.float32)
+    expected = run(qkv_model(6, scaled_weight, rows=(K, K, K)), x)
+    model = qkv_model(6, scaled_weight, rows=(K, K, K))
+    assert fuse_matmuls(model) == {"groups": 1, "matmuls": 3}
+    for g, e in zip(run(model, x), expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_fuse_ir_rewrites_the_files_and_keeps_the_weights_exact(tmp_path):
     xml = tmp_path / "openvino_model.xml"
     ov.save_model(qkv_model(4, f32_weight), str(xml), compress_to_fp16=False)
