@@ -68,6 +68,8 @@ def _concat_constants(nodes: list, rows: list[int]):
     if per_row and any(r != 1 for r in rows):
         if any(s[1:] != shapes[0][1:] for s in shapes):
             raise _Unfusable("per-row constants of different widths")
+        if any(np.prod(s) * kind.bitwidth % 8 for s in shapes):
+            raise _Unfusable("a packed sub-byte constant that does not end on a byte")
         shape = (sum(rows), *shapes[0][1:])
         tensor = ov.Tensor(kind, ov.Shape(list(shape)))
         packed = np.concatenate([np.ascontiguousarray(n.data).reshape(-1).view(np.uint8) for n in nodes])
