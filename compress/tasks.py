@@ -204,7 +204,8 @@ def _pip_download(python: str, folder: Path, progress, how: str) -> str | None:
     progress.remove_task(task)
     if proc.returncode == 0 and (folder / BIGBENCH_SDIST).is_file():
         return None
-    return (proc.stderr + proc.stdout).strip() or f"exit status {proc.returncode}"
+    # pip's progress goes to stdout and its error to stderr: stderr last, so the reason quoted is the error
+    return "\n".join(part.strip() for part in (proc.stdout, proc.stderr) if part.strip()) or f"exit {proc.returncode}"
 
 
 def _extract(sdist: Path, dest: Path, progress) -> None:

@@ -147,6 +147,14 @@ def test_pip_failure_says_what_to_run(monkeypatch):
         pull_tasks(["winowhy"])
 
 
+def test_pip_failure_names_pips_error_not_its_last_progress_line(monkeypatch):
+    chatter = "Collecting bigbench==1.0.0\n  Preparing metadata (pyproject.toml): finished with status 'done'"
+    failed = SimpleNamespace(returncode=1, stdout=chatter, stderr="ERROR: [Errno 28] No space left on device")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(CompactLMError, match=r"\(ERROR: \[Errno 28\] No space left on device\)"):
+        pull_tasks(["winowhy"])
+
+
 def test_pip_refusing_the_sdist_retries_with_the_bundled_pip_of_a_fresh_venv(monkeypatch, tmp_path):
     refusal = "ERROR: Distributions from PyPI cannot declare direct URL dependencies.\nbigbench depends on bleurt @"
     calls = []
