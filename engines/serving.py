@@ -93,6 +93,10 @@ def _import_pytriton():
     return Triton, TritonConfig
 
 
+HANDSHAKE_RACE = "get_config_from_handshake_server"
+"""In the error of a model instance that lost PyTriton's handshake race (see Server.start)."""
+
+
 class Server:
     """An engine served by Triton (via PyTriton) and the OpenAI route; `start()`, then `stop()` -> summary."""
 
@@ -104,6 +108,21 @@ class Server:
         self._children: list = []
 
     def start(self) -> Server:
+        """Load the engine, bind the models, start Triton and the OpenAI route; returns when all are ready.
+
+        Started once more if Triton failed to load a model instance in PyTriton's handshake race: with several
+        instances of a model, the others ask the first for its config over a Unix socket that can exist before
+        it listens ("Connection refused"); nothing of ours is wrong then, and a second start goes through.
+        """
+        try:
+            return self._start()
+        except Exception as exc:
+            if HANDSHAKE_RACE not in str(exc):
+                raise
+            logging.getLogger(__name__).warning("Triton failed to load a model instance (%s); starting again", exc)
+            return self._start()
+
+    def _start(self) -> Server:
         from engines.generation import GenerationService
         from engines.runtime import load_engine
         from engines.triton_models import TritonModels

@@ -264,3 +264,29 @@ def test_a_route_that_never_started_stops_at_once(engine_dir):
         done = threading.Event()
         threading.Thread(target=lambda: (route.stop(drain_s=1), done.set()), daemon=True).start()
         assert done.wait(5), "stop() hung on a route that never served"
+
+
+def test_start_goes_again_once_after_pytritons_handshake_race_and_only_then(monkeypatch, tmp_path):
+    from engines.serving import HANDSHAKE_RACE, Server
+
+    calls = []
+
+    def lose_the_race_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"load failed for model 'compactlm': ... in {HANDSHAKE_RACE} ... Connection refused")
+        return self
+
+    monkeypatch.setattr(Server, "_start", lose_the_race_once)
+    server = Server(tmp_path)
+    assert server.start() is server and len(calls) == 2
+
+    def fail(self):
+        calls.append(1)
+        raise RuntimeError("load failed for model 'compactlm': some other error")
+
+    calls.clear()
+    monkeypatch.setattr(Server, "_start", fail)
+    with pytest.raises(RuntimeError, match="some other error"):
+        server.start()
+    assert len(calls) == 1  # any other failure is not retried
