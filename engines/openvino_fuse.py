@@ -1,10 +1,11 @@
 """Fuse the matmuls that read the same activation into one matmul and a split: attention's q/k/v, in an OpenVINO IR.
 
 Why: at batch 1 the `cpu` engine's time is in 211 small matmul kernels a step (7 a layer + the LM head), each with a
-fixed cost (dispatch, threads, dynamic activation quantization) that a 576x192 weight cannot amortize; OpenVINO's
-own q/k/v fusion only runs on AMX CPUs. One [q;k;v] matmul a layer instead of three cut the q/k/v kernels' time
-by ~40% at batch 1 (SmolLM2-135M int4, OpenVINO's per-op profile). The result is exact: every output element is the
-same dot product as before, and weight compression is per output row, so concatenating rows keeps every scale.
+fixed cost (dispatch, threads, dynamic activation quantization) that a 576x192 weight cannot amortize; on this
+AVX-512 CPU (no AMX) OpenVINO runs q/k/v as three kernels. One [q;k;v] matmul a layer instead of three cut the
+q/k/v kernels' time by ~40% at batch 1 (SmolLM2-135M int4, OpenVINO's per-op profile). The result is exact: every
+output element is the same dot product as before, and weight compression is per output row, so concatenating rows
+keeps every scale.
 
 The MLP's gate/up pair could be fused the same way, and is not by default (`min_group=3`): the split then stands
 between the matmul and the SiLU that OpenVINO otherwise fuses into the gate kernel, and batch 32 measured slower.
