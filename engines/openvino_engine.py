@@ -37,8 +37,10 @@ PRECISIONS = {
 }
 KV_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
 FUSED_BY_DEFAULT = ("int8", "int4")
-"""Weight formats whose q/k/v matmuls are fused unless BuildConfig.fuse_qkv says otherwise (SmolLM2-135M, batch 1 /
-32: int8 +17% / +2%, int4 +9% / +8%; fp32 weights -2% / -4%, so fp32 and bf16 keep the stock graph)."""
+"""Weight formats whose q/k/v matmuls are fused unless BuildConfig.fuse_qkv says otherwise. bench.perf.cpu_engine,
+SmolLM2-135M, fused vs stock at batch 1 / 32: int8 +7.2% / -0.5%, int4 +10.0% / +1.9% (docs/bench/cpu_engine.json)
+and +8.8% / +8.1% (an earlier run); fp32 weights +0.7% / -7.8% (docs/bench/cpu_engine-fp32-fused.json), so fp32
+and bf16 keep the stock graph."""
 
 
 def fuses_qkv(precision: str, fuse_qkv: bool | None = None) -> bool:
