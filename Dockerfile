@@ -7,7 +7,7 @@
 #
 # Settings (environment): PRECISION (fp16|bf16|fp8), TP_SIZE, MAX_BATCH_SIZE, MAX_INPUT_LEN, MAX_SEQ_LEN,
 # KV_CACHE_FRACTION, DECOUPLED (true|false). Any arguments replace the entry point's serve step: e.g. `bash`.
-# Not built in compactlm's CI (no Docker engine there); tests/unit/test_serve_dockerfile.py lints it with hadolint.
+# Not built in compactlm's CI (no Docker engine there); tests/unit/serve/test_dockerfile.py lints it with hadolint.
 
 # Triton 25.12: Python 3.12, NVIDIA's torch 2.9, TensorRT 10.13, TensorRT-LLM 1.1.0, CUDA 13.0.
 FROM nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3

@@ -51,10 +51,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench-importance: setup
-	$(BIN)/python -m bench.perf.importance_overhead
+	$(BIN)/python -m compactlm.bench.perf.importance_overhead
 
 bench-cpu-engine: setup
-	$(BIN)/python -m bench.perf.cpu_engine --build runs/engines
+	$(BIN)/python -m compactlm.bench.perf.cpu_engine --build runs/engines
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
 """Request throughput of several checkpoints' engines at one shape, side by side: what the architecture search
 ranks candidates by.
 
-`compress.search` takes a `measure([(checkpoint, engine_dir), ...])` function instead of importing the harness
+`compactlm.compress.search` takes a `measure([(checkpoint, engine_dir), ...])` function instead of importing the harness
 (bench sits above compress); this is that function. It builds each engine (once: an engine folder already there is
 reused), warms each up, then times them interleaved, repeat-major (A B C, A B C, ...), so that a busy machine's
 drift hits every model alike: each timing is one `run_benchmark` point at ISL/OSL with `batch` requests submitted
@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ThroughputSpec:
 
 
 def ensure_engine(checkpoint: str | Path, engine_dir: Path, spec: ThroughputSpec) -> Path:
-    from engines import BuildConfig, Limits, build_engine
+    from compactlm.engines import BuildConfig, Limits, build_engine
 
     if not (engine_dir / "engine.json").is_file():
         limits = Limits(
@@ -51,10 +51,10 @@ def ensure_engine(checkpoint: str | Path, engine_dir: Path, spec: ThroughputSpec
 
 def measure_throughput(models: list[tuple[str | Path, str | Path]], spec: ThroughputSpec | None = None) -> list[dict]:
     """Median request and output-token throughput of each (checkpoint, engine folder), measured interleaved."""
-    from bench.loadgen import Load
-    from bench.runner import plan, run_benchmark
-    from bench.targets.engine import EngineTarget
-    from engines import load_engine
+    from compactlm.bench.loadgen import Load
+    from compactlm.bench.runner import plan, run_benchmark
+    from compactlm.bench.targets.engine import EngineTarget
+    from compactlm.engines import load_engine
 
     spec = spec or ThroughputSpec()
     targets = []

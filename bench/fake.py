@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from engines.config import Limits
-from engines.manifest import Manifest
-from engines.runtime import Engine
+from compactlm.engines.config import Limits
+from compactlm.engines.manifest import Manifest
+from compactlm.engines.runtime import Engine
 
 
 def fake_manifest(backend: str, limits: Limits, vocab_size: int = 32000, params: int = 1_000_000) -> Manifest:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.metrics import RequestRecord
-from bench.sweep import ARRIVALS, MODES
-from bench.targets import Target
-from bench.workload import WorkloadItem
-from compress.errors import CompactLMError
+from compactlm.bench.metrics import RequestRecord
+from compactlm.bench.sweep import ARRIVALS, MODES
+from compactlm.bench.targets import Target
+from compactlm.bench.workload import WorkloadItem
+from compactlm.core.errors import CompactLMError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from compress.errors import CompactLMError
-from engines.runtime import TokenTiming
+from compactlm.core.errors import CompactLMError
+from compactlm.engines.runtime import TokenTiming
 
 PERCENTILES = (50, 90, 99)
 LATENCIES = ("ttft", "itl", "tpot", "e2e")

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from bench.metrics import aggregate_repeats
-from compress.errors import CompactLMError
+from compactlm.bench.metrics import aggregate_repeats
+from compactlm.core.errors import CompactLMError
 
 POINT_KEYS = ["label", "isl", "osl", "mode", "batch_size", "rate", "arrivals", "window_s", "source"]
 POINT_KEYS += ["input_stdev", "output_stdev"]

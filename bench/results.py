@@ -6,55 +6,16 @@ git commit) ride on every row, so files from several machines or runs can be con
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import os
-import subprocess
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 SUFFIXES = (".parquet", ".csv")
-
-
-def git_commit(folder: Path | None = None) -> str | None:
-    """The commit of the compactlm checkout running the benchmark, `+dirty` when it has local changes."""
-    folder = folder or Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-@functools.cache
-def environment() -> dict:
-    """Where and with what this benchmark runs: host, CPU/GPU, library versions, git commit."""
-    from engines.manifest import host_info, library_versions
-
-    host = host_info()
-    env = {
-        "host": host["hostname"],
-        "cpu": host["cpu"],
-        "cpu_count": host["cpu_count"],
-        "gpu": host["gpu"],
-        "os": host["os"],
-        "python": host["python"],
-        "git_commit": git_commit(),
-    }
-    env.update({f"version_{name.replace('-', '_')}": v for name, v in library_versions().items()})
-    return env
 
 
 def new_run_id() -> str:

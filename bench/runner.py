@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.loadgen import Load, run_load
-from bench.metrics import Slo, summarize
-from bench.results import ResultsFile, environment, new_run_id
-from bench.sweep import Sweep
-from bench.targets import Target
-from bench.workload import Workload, WorkloadSpec
-from compress.errors import CompactLMError
+from compactlm.bench.loadgen import Load, run_load
+from compactlm.bench.metrics import Slo, summarize
+from compactlm.bench.results import ResultsFile, new_run_id
+from compactlm.bench.sweep import Sweep
+from compactlm.bench.targets import Target
+from compactlm.bench.workload import Workload, WorkloadSpec
+from compactlm.core.errors import CompactLMError
+from compactlm.core.host import environment
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def check_plan(target: Target, points: Sequence[Point], longest: tuple[int, int]
 
 def check_limits(spec: str, name: str | None, points: Sequence[Point]) -> None:
     """`check_plan` for a target string without opening it: an engine folder's limits are in its manifest."""
-    from engines.manifest import MANIFEST, read_manifest
+    from compactlm.engines.manifest import MANIFEST, read_manifest
 
     if (Path(spec).expanduser() / MANIFEST).is_file():
         _check(name or spec, read_manifest(spec).limits, points, None)
@@ -205,7 +206,7 @@ class _Bars:
 
     def __enter__(self):
         if self.enabled:
-            from compress.progress import progress_bar
+            from compactlm.core.console import progress_bar
 
             self.progress = progress_bar()
             self.progress.__enter__()

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from compress.errors import CompactLMError
-from compress.recipe import read_yaml
+from compactlm.core.config import build, load_yaml
+from compactlm.core.errors import CompactLMError
 
 DEFAULT_SHAPES = ((128, 128), (128, 2048), (2048, 128), (2048, 2048))
 STDEV_HEADROOM = 4  # lengths drawn from N(mean, sd) are clipped to mean +- 4 sd
@@ -48,11 +47,11 @@ class Sweep:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     repeats: int = 1
     engines: tuple[str, ...] = ()
-    """Targets: engine folders or server URLs (see bench.targets)."""
+    """Targets: engine folders or server URLs (see compactlm.bench.targets)."""
     source: str = "random"
     seed: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
-    names: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False, metadata={"config": False})
+    names: tuple[str, ...] = field(default=(), metadata={"config": False})
     """A name per engine (the mapping form of `engines`); empty: names come from the engines' manifests."""
     mode: str = "concurrency"
     rates: tuple[float, ...] = ()
@@ -69,57 +68,88 @@ class Sweep:
     """Random prompts' id range for remote targets without a tokenizer."""
     request_timeout: float = 600.0
 
+    @classmethod
+    def config_prepare(cls, data: dict) -> dict:
+        """The mapping form of `engines` (name: target) gives each engine its name."""
+        if "names" in data:
+            raise CompactLMError(
+                "sweep field 'names': give names with the mapping form of 'engines' (name: target)", key="names"
+            )
+        if isinstance(data.get("engines"), dict):
+            mapping = data.pop("engines")
+            if any(not isinstance(v, str) for v in mapping.values()):
+                raise CompactLMError(
+                    "sweep field 'engines': every engine needs a target string (quote `null` to mean the null engine)",
+                    key="engines",
+                )
+            data["names"], data["engines"] = [str(k) for k in mapping], list(mapping.values())
+        return data
+
     def __post_init__(self):
         if self.scale < 1:
-            raise CompactLMError(f"sweep field 'scale' must be >= 1, got {self.scale}")
+            raise CompactLMError(f"sweep field 'scale' must be >= 1, got {self.scale}", key="scale")
         if not self.shapes:
-            raise CompactLMError("sweep field 'shapes' is empty: give at least one [ISL, OSL] pair")
+            raise CompactLMError("sweep field 'shapes' is empty: give at least one [ISL, OSL] pair", key="shapes")
         for shape in self.shapes:
             if len(shape) != 2 or any(not isinstance(v, int) or v < 1 for v in shape):
-                raise CompactLMError(f"sweep field 'shapes' takes [ISL, OSL] pairs of positive integers, got {shape}")
+                raise CompactLMError(
+                    f"sweep field 'shapes' takes [ISL, OSL] pairs of positive integers, got {shape}", key="shapes"
+                )
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
-            raise CompactLMError(f"sweep field 'batch_sizes' takes positive integers, got {list(self.batch_sizes)}")
+            raise CompactLMError(
+                f"sweep field 'batch_sizes' takes positive integers, got {list(self.batch_sizes)}", key="batch_sizes"
+            )
         if self.input_stdev < 0 or self.output_stdev < 0:
-            raise CompactLMError("sweep fields 'input_stdev' and 'output_stdev' must be >= 0")
+            raise CompactLMError("sweep fields 'input_stdev' and 'output_stdev' must be >= 0", key="input_stdev")
         if self.repeats < 1:
-            raise CompactLMError(f"sweep field 'repeats' must be >= 1, got {self.repeats}")
+            raise CompactLMError(f"sweep field 'repeats' must be >= 1, got {self.repeats}", key="repeats")
         self._check_load()
 
     def _check_load(self) -> None:
         if self.mode not in MODES:
-            raise CompactLMError(f"sweep field 'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise CompactLMError(f"sweep field 'mode' must be one of {', '.join(MODES)}, got {self.mode!r}", key="mode")
         if self.arrivals not in ARRIVALS:
-            raise CompactLMError(f"sweep field 'arrivals' must be one of {', '.join(ARRIVALS)}, got {self.arrivals!r}")
+            raise CompactLMError(
+                f"sweep field 'arrivals' must be one of {', '.join(ARRIVALS)}, got {self.arrivals!r}", key="arrivals"
+            )
         if self.mode == "rate" and (not self.rates or any(r <= 0 for r in self.rates)):
-            raise CompactLMError(f"sweep field 'rates' needs positive requests/s in rate mode, got {list(self.rates)}")
+            raise CompactLMError(
+                f"sweep field 'rates' needs positive requests/s in rate mode, got {list(self.rates)}", key="rates"
+            )
         if isinstance(self.requests, str):
             if not re.fullmatch(r"[1-9][0-9]*x", self.requests) or self.mode != "concurrency":
                 raise CompactLMError(
                     f"sweep field 'requests' takes a count or 'Nx' (N per in-flight request, concurrency mode), "
-                    f"got {self.requests!r}"
+                    f"got {self.requests!r}",
+                    key="requests",
                 )
         elif self.requests < 1:
-            raise CompactLMError(f"sweep field 'requests' must be >= 1, got {self.requests}")
+            raise CompactLMError(f"sweep field 'requests' must be >= 1, got {self.requests}", key="requests")
         elif self.mode == "concurrency" and self.duration is None and self.requests < max(self.batch_sizes):
             raise CompactLMError(
                 f"sweep field 'requests' ({self.requests}) is below the largest batch size ({max(self.batch_sizes)}): "
-                "every point needs at least one full batch"
+                "every point needs at least one full batch",
+                key="requests",
             )
         if self.warmup < 0:
-            raise CompactLMError(f"sweep field 'warmup' must be >= 0, got {self.warmup}")
+            raise CompactLMError(f"sweep field 'warmup' must be >= 0, got {self.warmup}", key="warmup")
         if self.duration is not None and (self.duration <= 0 or self.mode == "offline"):
-            raise CompactLMError("sweep field 'duration' must be positive, and needs mode concurrency or rate")
+            raise CompactLMError(
+                "sweep field 'duration' must be positive, and needs mode concurrency or rate", key="duration"
+            )
         unknown = set(self.slo) - set(SLO_KEYS)
         if unknown:
             raise CompactLMError(
-                f"sweep field 'slo' takes {', '.join(SLO_KEYS)}; unknown: {', '.join(sorted(unknown))}"
+                f"sweep field 'slo' takes {', '.join(SLO_KEYS)}; unknown: {', '.join(sorted(unknown))}", key="slo"
             )
         if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for v in self.slo.values()):
-            raise CompactLMError(f"sweep field 'slo' takes positive milliseconds, got {self.slo}")
+            raise CompactLMError(f"sweep field 'slo' takes positive milliseconds, got {self.slo}", key="slo")
         if self.names and len(self.names) != len(self.engines):
-            raise CompactLMError("sweep field 'engines': give a name to every engine or to none")
+            raise CompactLMError("sweep field 'engines': give a name to every engine or to none", key="engines")
         if self.request_timeout <= 0:
-            raise CompactLMError(f"sweep field 'request_timeout' must be positive, got {self.request_timeout}")
+            raise CompactLMError(
+                f"sweep field 'request_timeout' must be positive, got {self.request_timeout}", key="request_timeout"
+            )
 
     def targets(self) -> list[tuple[str | None, str]]:
         """(name or None, target string) for each engine of the sweep."""
@@ -132,7 +162,7 @@ class Sweep:
 
     def max_lengths(self) -> tuple[int, int]:
         """The longest input and the longest sequence (input + output) any request of this sweep can have."""
-        from bench.workload import WorkloadSpec  # bench.workload imports this module
+        from compactlm.bench.workload import WorkloadSpec  # compactlm.bench.workload imports this module
 
         stdevs = (self.input_stdev, self.output_stdev)
         longest = [WorkloadSpec(isl, osl, *stdevs).max_lengths() for isl, osl in self.scaled_shapes()]
@@ -140,7 +170,7 @@ class Sweep:
 
     def limits(self, max_num_tokens: int | None = None):
         """Engine limits that fit this sweep exactly (`engines build --for-sweep`)."""
-        from engines.config import Limits
+        from compactlm.engines.config import Limits
 
         max_input, max_seq = self.max_lengths()
         return Limits(
@@ -153,85 +183,4 @@ class Sweep:
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read a sweep file; an unknown or ill-typed field is an error naming the field and its line."""
-    path = Path(path).expanduser()
-    node, data = read_yaml(path, "sweep file")
-    if not isinstance(data, dict):
-        raise CompactLMError(f"sweep file {path} must be a mapping of field: value")
-    return parse_sweep(data, {str(k.value): f"{path}:{k.start_mark.line + 1}" for k, _ in node.value}, str(path))
-
-
-def parse_sweep(data: dict, where: dict[str, str], origin: str) -> Sweep:
-    """A Sweep from a mapping read from YAML; `where` maps each key to where it was written (file:line)."""
-    known = {f.name for f in fields(Sweep)} - {"extra"}
-    values = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        at = where.get(str(key), origin)
-        if name not in known:
-            raise CompactLMError(f"{at}: unknown sweep field {key!r}; known fields: {', '.join(sorted(known))}")
-        try:
-            values[name] = _coerce(name, value)
-        except (TypeError, ValueError) as exc:
-            raise CompactLMError(f"{at}: sweep field {key!r}: {exc}") from exc
-    if isinstance(values.get("engines"), dict):
-        mapping = values.pop("engines")
-        values["names"], values["engines"] = tuple(mapping), tuple(mapping.values())
-    try:
-        return Sweep(**values)
-    except CompactLMError as exc:
-        named = re.search(r"sweep field '(\w+)'", str(exc))
-        raise CompactLMError(f"{where.get(named.group(1), origin) if named else origin}: {exc}") from exc
-
-
-def _coerce(name: str, value):
-    if name == "engines" and isinstance(value, dict):
-        if any(not isinstance(v, str) for v in value.values()):
-            raise TypeError("every engine needs a target string (quote `null` to mean the null engine)")
-        return {str(k): v for k, v in value.items()}
-    if name == "rates":
-        if not isinstance(value, list):
-            raise TypeError("expected a list of requests/s")
-        return tuple(_number(v) for v in value)
-    if name == "requests" and isinstance(value, str):
-        return value
-    if name in ("requests", "warmup") or (name == "vocab_size" and value is not None):
-        return _int(value)
-    if name in ("request_timeout",) or (name == "duration" and value is not None):
-        return _number(value)
-    if name in ("mode", "arrivals", "source") or (name in ("out", "tokenizer") and value is not None):
-        if not isinstance(value, str):
-            raise TypeError(f"expected a string, got {value!r}")
-        return value
-    if name == "slo":
-        if not isinstance(value, dict):
-            raise TypeError(f"expected a mapping like {{ttft_ms: 500, tpot_ms: 50}}, got {value!r}")
-        return {str(k): v for k, v in value.items()}
-    if name == "names":
-        raise TypeError("give names with the mapping form of 'engines' (name: target)")
-    if name == "shapes":
-        if not isinstance(value, list):
-            raise TypeError("expected a list of [ISL, OSL] pairs")
-        return tuple(tuple(_int(v) for v in pair) for pair in value)
-    if name in ("batch_sizes", "engines"):
-        if not isinstance(value, list):
-            raise TypeError("expected a list" + (" or a mapping of name: target" if name == "engines" else ""))
-        return tuple(_int(v) for v in value) if name == "batch_sizes" else tuple(str(v) for v in value)
-    if name in ("scale", "repeats", "seed"):
-        return _int(value)
-    if name in ("input_stdev", "output_stdev"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"expected a number, got {value!r}")
-        return float(value)
-    return value
-
-
-def _number(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {value!r}")
-    return float(value)
-
-
-def _int(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return value
+    return build(Sweep, load_yaml(path, "sweep file", empty_ok=True), what="the sweep file")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.sweep import STDEV_HEADROOM
-from compress.errors import CompactLMError
+from compactlm.bench.sweep import STDEV_HEADROOM
+from compactlm.core.errors import CompactLMError
 
 RANDOM = "random"
 
@@ -126,7 +126,7 @@ def _lengths(rng: np.random.Generator, mean: int, stdev: float, n: int) -> list[
 
 def _corpus_tokens(source: str, tokenizer, seed: int) -> Iterator[int]:
     """One long token stream of the source's documents (train split, EOS between them), read lazily."""
-    from compress.data import iter_token_stream, split_documents
+    from compactlm.compress.data import iter_token_stream, split_documents
 
     docs = split_documents(source, "train", seed)
     if not docs:

@@ -1,5 +1,5 @@
 """`python -m compactlm` runs the CLI."""
 
-from compactlm.cli import main
+from compactlm.cli.root import main
 
 main()

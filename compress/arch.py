@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,19 @@
-"""Checkpoints: validated loading, atomic saving, and the `compactlm.json` record written beside the weights."""
+"""Checkpoints: a folder resolved and checked once (`Checkpoint`), validated loading, atomic saving, and the
+`compactlm.json` record written beside the weights (what was done to the model, never inferred from its path)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
+from compactlm.core.host import package_version
+from compactlm.core.io import atomic_dir
 
 RECORD_FILE = "compactlm.json"
 TOKENIZER_FILES = (
@@ -24,50 +26,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "generation_config.json",
 )
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("compactlm")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output before any heavy work, unless asked to overwrite."""
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise CompactLMError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise CompactLMError(f"the parent folder of {out} does not exist")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success rename it to `out`, on failure remove it.
-
-    An interrupted run leaves no half-written `out`, and an existing `out` is replaced only at the very end.
-    """
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_output(out, overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
 
 
 def read_config(path: Path):
@@ -114,30 +72,81 @@ def check_weights(path: Path) -> list[Path]:
     return files
 
 
-def inspect_checkpoint(name_or_path: str | os.PathLike):
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder resolved and validated once: its config, family, weight files, record and quantized
+    format. Stages and engine builds pass it along instead of re-reading the folder."""
+
+    path: Path
+    config: object
+    """The transformers config (AutoConfig)."""
+    family: str
+    """The model family (compactlm.compress.arch), e.g. llama."""
+    weights: tuple[Path, ...]
+    record: dict | None
+    """compactlm.json: the parent, and the history of what was done."""
+    quantized: str | None
+    """The format `compress quantize` wrote it in (fp8, int8-sq, int4-awq), or None for a plain checkpoint."""
+
+    @classmethod
+    def resolve(cls, name_or_path: str | os.PathLike | Checkpoint) -> Checkpoint:
+        """A model name or path, resolved (a bundled name is pulled into the cache once) and validated: config,
+        family and weight headers; cheap, no tensors loaded."""
+        if isinstance(name_or_path, Checkpoint):
+            return name_or_path
+        from compactlm.compress.arch import family_of
+        from compactlm.compress.models import resolve
+        from compactlm.compress.quantize import quantized_format
+
+        path = resolve(name_or_path)
+        config = read_config(path)
+        family = family_of(config).model_type
+        weights = tuple(check_weights(path))
+        record = read_record(path)
+        return cls(path, config, family, weights, record, quantized_format(path, record))
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+    def sha256(self) -> str:
+        return checkpoint_sha256(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def inspect_checkpoint(name_or_path: str | os.PathLike | Checkpoint) -> Checkpoint:
     """Resolve a model name or path and validate config, family and weight files: cheap, no tensors loaded."""
-    from compress.arch import family_of
-    from compress.models import resolve
-
-    path = resolve(name_or_path)
-    config = read_config(path)
-    family_of(config)
-    check_weights(path)
-    return path, config
+    return Checkpoint.resolve(name_or_path)
 
 
-def load_model(name_or_path: str | os.PathLike, dtype=None):
+def checkpoint_sha256(folder: Path) -> str:
+    """Content hash of a checkpoint: its config and weight files (names and bytes), in name order."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    names = ["config.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(name_or_path: str | os.PathLike | Checkpoint, dtype=None):
     """Load a supported causal LM (checkpoint dir or bundled name) in fp32 on CPU, after validating it; a
     checkpoint quantized by `compress quantize` comes back with its modelopt quantizers (fake-quant)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    path, _ = inspect_checkpoint(name_or_path)
+    checkpoint = inspect_checkpoint(name_or_path)
+    path = checkpoint.path
     hf_logging.disable_progress_bar()  # our own progress is shown; a bar per load is noise
     try:
-        if (path / "modelopt_state.pth").is_file():  # quantized by `compress quantize`: restore its quantizers
-            from compress.quantize import load_quantized
+        if checkpoint.quantized:  # quantized by `compress quantize`: restore its quantizers
+            from compactlm.compress.quantize import load_quantized
 
             model = load_quantized(path, dtype or torch.float32)
         else:
@@ -152,25 +161,16 @@ def load_model(name_or_path: str | os.PathLike, dtype=None):
     return model
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
+def load_tokenizer(name_or_path: str | os.PathLike | Checkpoint):
     from transformers import AutoTokenizer
 
-    from compress.models import resolve
+    from compactlm.compress.models import resolve
 
-    path = resolve(name_or_path)
+    path = name_or_path.path if isinstance(name_or_path, Checkpoint) else resolve(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise CompactLMError(f"{path} has no usable tokenizer: {str(exc).splitlines()[0]}") from exc
-
-
-def write_json(path: str | os.PathLike, data) -> Path:
-    """Write JSON atomically: a crash leaves the previous file (or none), never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def read_record(path: str | os.PathLike) -> dict | None:

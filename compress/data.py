@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 HELDOUT_PERCENT = 10
 SPLITS = ("train", "heldout")

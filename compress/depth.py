@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from compress.arch import decoder_layers
-from compress.errors import CompactLMError
+from compactlm.compress.arch import decoder_layers
+from compactlm.core.errors import CompactLMError
 
 
 class _SkipLayer(nn.Module):

@@ -17,44 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.arch import decoder_layers, shape_of
-from compress.checkpoint import read_record
-from compress.errors import CompactLMError
-from compress.losses import cross_entropy, hidden_state, kd_logits, kd_topk
-from compress.train import Batch
-
-LOSSES = ("auto", "logit", "logit+hidden", "logit+hidden+embedding", "ce")
-DEEP_CUT = 0.75
-"""`auto` adds hidden and embedding losses when the student keeps at most this fraction of the layers."""
-
-
-@dataclass
-class DistillConfig:
-    """What the student learns from."""
-
-    loss: str = "auto"
-    """logit | logit+hidden | logit+hidden+embedding | ce | auto (the paper: logit only, unless depth was cut a lot)."""
-    temperature: float = 1.0
-    logit_weight: float = 1.0
-    hidden_weight: float = 1.0
-    embedding_weight: float = 1.0
-    hidden_loss: str = "cosine"
-    """cosine or mse (normalized by the teacher's energy)."""
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise CompactLMError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
-        if self.temperature <= 0:
-            raise CompactLMError("--temperature must be positive")
-        if self.hidden_loss not in ("cosine", "mse"):
-            raise CompactLMError("--hidden-loss must be cosine or mse")
-        if min(self.logit_weight, self.hidden_weight, self.embedding_weight) < 0:
-            raise CompactLMError("loss weights must be >= 0")
-
-    def resolved_loss(self, student_layers: int, teacher_layers: int) -> str:
-        if self.loss != "auto":
-            return self.loss
-        return "logit+hidden+embedding" if student_layers <= DEEP_CUT * teacher_layers else "logit"
+from compactlm.compress.arch import decoder_layers, shape_of
+from compactlm.compress.checkpoint import read_record
+from compactlm.compress.losses import cross_entropy, hidden_state, kd_logits, kd_topk
+from compactlm.compress.train import Batch
+from compactlm.compress.train_config import DistillConfig
+from compactlm.core.errors import CompactLMError
 
 
 @dataclass

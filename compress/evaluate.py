@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.depth import lm_loss
+from compactlm.compress.depth import lm_loss
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from compress.arch import ATTN_O, MLP_DOWN, decoder_layers, shape_of
-from compress.depth import BlockInfluence, removal_losses
-from compress.errors import CompactLMError
+from compactlm.compress.arch import ATTN_O, MLP_DOWN, decoder_layers, shape_of
+from compactlm.compress.depth import BlockInfluence, removal_losses
+from compactlm.core.errors import CompactLMError
 
 AGGREGATIONS = ("mean", "l2", "var")
 

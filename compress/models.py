@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def pull(name: str, force: bool = False) -> Path:
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from compress.checkpoint import atomic_dir
+    from compactlm.core.io import atomic_dir
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as progress:
         task = progress.add_task(f"[{name}] reading {model_info.filename}", total=3)

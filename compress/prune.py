@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compress.arch import (
+from compactlm.compress.arch import (
     ATTN_K,
     ATTN_O,
     ATTN_Q,
@@ -25,12 +25,12 @@ from compress.arch import (
     shape_of,
     validate_config,
 )
-from compress.depth import DEPTH_METRICS, choose_layers_to_drop
-from compress.errors import CompactLMError
-from compress.importance import ImportanceScores
+from compactlm.compress.depth import DEPTH_METRICS, choose_layers_to_drop
+from compactlm.compress.importance import ImportanceScores
+from compactlm.core.errors import CompactLMError
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneTarget:
     """The pruned sizes; a field left as None keeps the model's size."""
 
@@ -42,9 +42,18 @@ class PruneTarget:
     num_layers: int | None = None
     """Keep this many layers, choosing which to drop by `depth_metric`."""
     drop_layers: tuple[int, ...] | None = None
-    """Drop exactly these layer indices (instead of `num_layers`)."""
+    """Drop exactly these layer indices (instead of `num_layers`); a file may write them as `16-29` or `3,5,10-12`."""
     depth_metric: str = "block-loss"
-    """block-loss | layer-loss | block-influence (see compress.depth.choose_layers_to_drop)."""
+    """block-loss | layer-loss | block-influence (see compactlm.compress.depth.choose_layers_to_drop)."""
+
+    @classmethod
+    def config_prepare(cls, data: dict) -> dict:
+        if isinstance(data.get("drop_layers"), (str, int)) and not isinstance(data["drop_layers"], bool):
+            try:
+                data["drop_layers"] = list(parse_layer_ranges(str(data["drop_layers"])))
+            except CompactLMError as exc:
+                raise CompactLMError(str(exc), key="drop_layers") from exc
+        return data
 
     def __post_init__(self):
         for name in (
@@ -56,13 +65,13 @@ class PruneTarget:
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise CompactLMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+                raise CompactLMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}", key=name)
         if self.num_layers is not None and self.drop_layers is not None:
-            raise CompactLMError("give either --num-layers or --drop-layers, not both")
+            raise CompactLMError("give either --num-layers or --drop-layers, not both", key="drop_layers")
         if self.drop_layers is not None:
-            self.drop_layers = tuple(sorted(set(int(i) for i in self.drop_layers)))
+            object.__setattr__(self, "drop_layers", tuple(sorted(set(int(i) for i in self.drop_layers))))
         if self.depth_metric not in DEPTH_METRICS:
-            raise CompactLMError(f"--depth-metric must be one of {', '.join(DEPTH_METRICS)}")
+            raise CompactLMError(f"--depth-metric must be one of {', '.join(DEPTH_METRICS)}", key="depth_metric")
 
 
 def parse_layer_ranges(text: str) -> tuple[int, ...]:

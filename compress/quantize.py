@@ -8,7 +8,7 @@ model's calibrated scales to a TensorRT-LLM checkpoint).
 A quantized checkpoint is a Hugging Face folder plus `modelopt_state.pth` (modelopt's own file name: which
 quantizers sit where, with their settings) beside weights that include the calibrated quantizer state (amax,
 pre-quant scales). SmoothQuant and AWQ fold their smoothing into the weights, so a plain `from_pretrained` of
-the folder would be a wrong model: `compress.checkpoint.load_model` restores the quantizers, and backends that
+the folder would be a wrong model: `compactlm.compress.checkpoint.load_model` restores the quantizers, and backends that
 cannot run modelopt quantization refuse the folder (see `quantized_format`). The `quantize` record in
 `compactlm.json` says what was done.
 
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 STATE_FILE = "modelopt_state.pth"
 """modelopt's name for it (its Hugging Face plugin reads the same file)."""
@@ -206,14 +206,14 @@ def quantized_modules(model) -> int:
     return sum(1 for m in model.modules() if type(m).__name__.startswith("Quant"))
 
 
-def quantized_format(path: str | os.PathLike) -> str | None:
+def quantized_format(path: str | os.PathLike, record: dict | None = None) -> str | None:
     """The format a checkpoint folder was quantized with (read from its record), or None for a plain one."""
-    from compress.checkpoint import read_record
+    from compactlm.compress.checkpoint import read_record
 
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         return None
-    record = read_record(path) or {}
+    record = record or read_record(path) or {}
     ops = [op for op in record.get("history", []) if op.get("op") == "quantize"]
     return ops[-1]["format"] if ops else "modelopt"
 
@@ -223,8 +223,8 @@ def calibration_batches(model_path, cfg: QuantizeConfig):
     the data holds fewer."""
     import torch
 
-    from compress.checkpoint import load_tokenizer
-    from compress.data import load_sequences
+    from compactlm.compress.checkpoint import load_tokenizer
+    from compactlm.compress.data import load_sequences
 
     rows = load_sequences(
         cfg.calib_data,
@@ -250,7 +250,7 @@ def save_quantized(model, out: Path, source: Path, record: dict, overwrite: bool
     """Save a modelopt-quantized model: HF weights with quantizer state, modelopt_state.pth, the record."""
     import torch
 
-    from compress.checkpoint import save_checkpoint
+    from compactlm.compress.checkpoint import save_checkpoint
 
     with quiet():
         import modelopt.torch.opt as mto
@@ -272,7 +272,7 @@ def load_quantized(path: Path, dtype=None):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from compress.checkpoint import check_weights
+    from compactlm.compress.checkpoint import check_weights
 
     with quiet():
         import modelopt.torch.opt as mto
@@ -302,13 +302,15 @@ def load_quantized(path: Path, dtype=None):
 
 def quantize_checkpoint(model, out: str | os.PathLike, cfg: QuantizeConfig, overwrite: bool = False) -> dict:
     """Quantize a checkpoint (path or bundled name) into `out`; returns the record written."""
-    from compress.checkpoint import check_output, inspect_checkpoint, load_model
-    from compress.data import describe
+    from compactlm.compress.checkpoint import inspect_checkpoint, load_model
+    from compactlm.compress.data import describe
+    from compactlm.core.io import check_output
 
     out = check_output(out, overwrite)
-    path, _ = inspect_checkpoint(model)
-    if quantized_format(path):
-        raise CompactLMError(f"{path} is already quantized ({quantized_format(path)}): quantize its parent instead")
+    checkpoint = inspect_checkpoint(model)
+    path = checkpoint.path
+    if checkpoint.quantized:
+        raise CompactLMError(f"{path} is already quantized ({checkpoint.quantized}): quantize its parent instead")
     batches = calibration_batches(path, cfg)  # before loading the model: too little data fails fast
     student = load_model(path)
     info = quantize_model(student, cfg.format, batches, cfg.block_size)

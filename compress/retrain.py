@@ -1,4 +1,4 @@
-"""File-level retraining jobs: distillation, teacher correction, CE training, teacher-logit caching.
+"""Checkpoint-level retraining operations: distillation, teacher correction, CE training, teacher-logit caching.
 
 Each takes checkpoints (paths or bundled names) and writes a checkpoint atomically, with what was done
 appended to `compactlm.json`. Training state lives in a work folder beside OUT (`.OUT.work/`) until the run
@@ -16,32 +16,27 @@ from pathlib import Path
 
 import torch
 
-from compress.checkpoint import check_output, inspect_checkpoint, load_model, load_tokenizer, save_checkpoint
-from compress.data import describe, load_sequences
-from compress.distill import Distillation, DistillConfig, check_compatible, lineage
-from compress.errors import CompactLMError
-from compress.evaluate import perplexity
-from compress.progress import console, stage_progress
-from compress.teacher_cache import TeacherCache, cache_teacher_logits
-from compress.train import (
-    CrossEntropy,
-    TrainConfig,
-    TrainingData,
-    distributed_from_env,
-    gather_full_model,
-    train,
-)
+from compactlm.compress.checkpoint import inspect_checkpoint, load_model, load_tokenizer, save_checkpoint
+from compactlm.compress.data import describe, load_sequences
+from compactlm.compress.distill import Distillation, check_compatible, lineage
+from compactlm.compress.evaluate import perplexity
+from compactlm.compress.teacher_cache import TeacherCache, cache_teacher_logits
+from compactlm.compress.train import CrossEntropy, TrainingData, distributed_from_env, gather_full_model, train
+from compactlm.compress.train_config import DistillConfig, TrainConfig
+from compactlm.core.console import console, stage_progress
+from compactlm.core.errors import CompactLMError
+from compactlm.core.io import check_output
 
 
 def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def training_sequences(tokenizer, data, seq_len: int, cfg: TrainConfig, world_size: int = 1) -> torch.Tensor:
+def training_sequences(tokenizer, data, cfg: TrainConfig, world_size: int = 1) -> torch.Tensor:
     """The rows a run of `cfg` trains on: one epoch of them if the corpus is large enough (else it cycles)."""
-    rows = cfg.total_steps(seq_len, world_size) * cfg.global_batch(world_size)
+    rows = cfg.total_steps(world_size=world_size) * cfg.global_batch(world_size)
     return load_sequences(
-        data, tokenizer, num_sequences=rows, seq_len=seq_len, split="train", seed=cfg.seed, allow_fewer=True
+        data, tokenizer, num_sequences=rows, seq_len=cfg.seq_len, split="train", seed=cfg.seed, allow_fewer=True
     )
 
 
@@ -104,7 +99,6 @@ def distill_checkpoint(
     out: str | os.PathLike,
     *,
     data="python-docs",
-    seq_len: int = 256,
     train_cfg: TrainConfig,
     distill_cfg: DistillConfig | None = None,
     teacher_cache: str | os.PathLike | None = None,
@@ -118,8 +112,9 @@ def distill_checkpoint(
     distill_cfg = distill_cfg or DistillConfig()
     out = Path(out).expanduser()
     check_output(out, overwrite)
-    teacher_path, teacher_config = inspect_checkpoint(teacher)
-    student_path, student_config = inspect_checkpoint(student)
+    teacher_ckpt, student_ckpt = inspect_checkpoint(teacher), inspect_checkpoint(student)
+    teacher_path, teacher_config = teacher_ckpt.path, teacher_ckpt.config
+    student_path, student_config = student_ckpt.path, student_ckpt.config
     check_compatible(teacher_config, student_config, teacher_path, student_path)
     loss = distill_cfg.resolved_loss(student_config.num_hidden_layers, teacher_config.num_hidden_layers)
     needs_teacher = loss != "ce" and (teacher_cache is None or "hidden" in loss or "embedding" in loss)
@@ -128,7 +123,7 @@ def distill_checkpoint(
     mapping = lineage(student_path, teacher_config, student_config) if "hidden" in loss or "embedding" in loss else None
     dist = distributed_from_env()
     tokenizer = load_tokenizer(student_path)
-    sequences = training_sequences(tokenizer, data, seq_len, train_cfg, dist.world_size)
+    sequences = training_sequences(tokenizer, data, train_cfg, dist.world_size)
     cache = None
     if teacher_cache is not None and loss != "ce":
         cache = TeacherCache(teacher_cache)
@@ -176,7 +171,7 @@ def distill_checkpoint(
         "distill": asdict(distill_cfg),
         "train": asdict(train_cfg),
         "data": describe(data),
-        "seq_len": seq_len,
+        "seq_len": train_cfg.seq_len,
         "sequences": int(len(sequences)),
         "steps": result.steps,
         "tokens": result.tokens,
@@ -184,7 +179,9 @@ def distill_checkpoint(
         "seconds": round(result.seconds, 1),
         "final_train_loss": result.final_loss,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if model is not None else None,
+        "heldout_loss": None
+        if model is None
+        else _heldout_loss(model, tokenizer, data, train_cfg.seq_len, eval_samples),
         "history": _rounded(result.history),
     }
     _finish(model, out, work, student_path, record, overwrite, dist)
@@ -196,7 +193,6 @@ def correct_teacher(
     out: str | os.PathLike,
     *,
     data="python-docs",
-    seq_len: int = 256,
     train_cfg: TrainConfig,
     resume: bool = False,
     overwrite: bool = False,
@@ -205,13 +201,13 @@ def correct_teacher(
     """Teacher correction (Minitron step 1): fine-tune the teacher on the distillation data with CE."""
     out = Path(out).expanduser()
     check_output(out, overwrite)
-    teacher_path, _ = inspect_checkpoint(teacher)
+    teacher_path = inspect_checkpoint(teacher).path
     dist = distributed_from_env()
     tokenizer = load_tokenizer(teacher_path)
-    sequences = training_sequences(tokenizer, data, seq_len, train_cfg, dist.world_size)
+    sequences = training_sequences(tokenizer, data, train_cfg, dist.world_size)
     work = _prepare_work_dir(out, resume, overwrite, dist)
     model = load_model(teacher_path)
-    before = _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if dist.main else None
+    before = _heldout_loss(model, tokenizer, data, train_cfg.seq_len, eval_samples) if dist.main else None
     result = train(
         model,
         CrossEntropy(),
@@ -225,13 +221,15 @@ def correct_teacher(
         "op": "correct",
         "train": asdict(train_cfg),
         "data": describe(data),
-        "seq_len": seq_len,
+        "seq_len": train_cfg.seq_len,
         "steps": result.steps,
         "tokens": result.tokens,
         "seconds": round(result.seconds, 1),
         "final_train_loss": result.final_loss,
         "heldout_loss_before": before,
-        "heldout_loss": _heldout_loss(model, tokenizer, data, seq_len, eval_samples) if model is not None else None,
+        "heldout_loss": None
+        if model is None
+        else _heldout_loss(model, tokenizer, data, train_cfg.seq_len, eval_samples),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "history": _rounded(result.history),
     }
@@ -244,7 +242,6 @@ def cache_logits(
     out: str | os.PathLike,
     *,
     data="python-docs",
-    seq_len: int = 256,
     train_cfg: TrainConfig,
     top_k: int = 64,
     value_dtype: str = "bf16",
@@ -253,9 +250,9 @@ def cache_logits(
     """Store the teacher's top-k logits for exactly the rows a distillation with `train_cfg` will read."""
     out = Path(out).expanduser()
     check_output(out, overwrite)
-    teacher_path, _ = inspect_checkpoint(teacher)
+    teacher_path = inspect_checkpoint(teacher).path
     tokenizer = load_tokenizer(teacher_path)
-    sequences = training_sequences(tokenizer, data, seq_len, train_cfg)
+    sequences = training_sequences(tokenizer, data, train_cfg)
     model = load_model(teacher_path)
     started = time.perf_counter()
     with stage_progress() as update:
@@ -270,7 +267,8 @@ def cache_logits(
             meta={"teacher": str(teacher_path), "data": str(data), "seed": train_cfg.seed},
         )
     console.print(
-        f"cached top-{top_k} logits of {len(sequences)} x {seq_len} tokens in {time.perf_counter() - started:.0f} s: "
+        f"cached top-{top_k} logits of {len(sequences)} x {train_cfg.seq_len} tokens in "
+        f"{time.perf_counter() - started:.0f} s: "
         f"{TeacherCache(path).nbytes() / 2**20:.1f} MiB in {path}"
     )
     return path

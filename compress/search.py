@@ -1,7 +1,7 @@
 """Architecture search to a parameter budget (Minitron's lightweight NAS), ranked by loss and, optionally, by the
 request throughput each candidate's engine measures.
 
-    enumerate (compress.search_space) -> one importance pass -> zero-shot screen -> prune + short distillation
+    enumerate (compactlm.compress.search_space) -> one importance pass -> zero-shot screen -> prune + short distillation
     of the K best -> held-out loss -> [engine throughput, Pareto front] -> leaderboard, plot, winner
 
 - Every candidate is pruned from the same importance scores (one pass, with the removal losses of every block
@@ -11,13 +11,13 @@ request throughput each candidate's engine measures.
   structure first, so the retrained set differs in structure rather than by a few MLP neurons, then the next
   best. Zero-shot loss alone is a poor judge after retraining (the paper's observation), which is why the K
   are retrained before they are ranked.
-- Retraining is the distillation job (`compress.retrain.distill_checkpoint`, the one training loop) with the
+- Retraining is the distillation job (`compactlm.compress.retrain.distill_checkpoint`, the one training loop) with the
   same data, tokens, schedule and loss for every candidate; by default from cached top-k teacher logits, made
   once, so the teacher runs once for all candidates.
 - Throughput (rank_by loss+throughput) comes from a `measure([(checkpoint, engine_dir), ...]) -> [dict, ...]`
   function given by the caller, which times the candidates and the source model interleaved (repeat-major), so
   that a busy machine's drift hits all alike: the benchmark harness lives above compress (bench -> engines ->
-  compress), so compress does not import it; the CLI passes `bench.candidates.measure_throughput`.
+  compress), so compress does not import it; the CLI passes `compactlm.bench.candidates.measure_throughput`.
 
 Everything lands in OUT and a re-run resumes: `search.json` (settings; a re-run with other settings that change
 results is refused), `scores.safetensors`, `screen.csv` (grown a row at a time), `teacher-cache/`,
@@ -33,14 +33,17 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from compress.checkpoint import atomic_dir, inspect_checkpoint, load_model, load_tokenizer, read_record, write_json
-from compress.errors import CompactLMError
-from compress.search_space import AXES, Candidate, SearchSpace, enumerate_candidates, parse_axes
+from compactlm.compress.checkpoint import inspect_checkpoint, load_model, load_tokenizer
+from compactlm.compress.retrain import work_dir_for
+from compactlm.compress.search_space import AXES, Candidate, SearchSpace, enumerate_candidates, parse_axes
+from compactlm.compress.train_config import DistillConfig, TrainConfig
+from compactlm.core.errors import CompactLMError
+from compactlm.core.io import atomic_dir, read_json, write_json
 
 RANK_BY = ("loss", "loss+throughput")
 Measure = Callable[[list[tuple[Path, Path]]], list[dict]]
@@ -70,11 +73,11 @@ class SearchConfig:
     teacher: str | None = None
     """Distillation teacher (default: the searched model itself; a corrected teacher guides better)."""
     data: str = "python-docs"
-    seq_len: int = 256
-    batch_size: int = 4
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    loss: str = "logit"
+    seq_len: int = TrainConfig.seq_len
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    min_lr: float = TrainConfig.min_lr
+    loss: str = DistillConfig.loss
     """Distillation loss for every candidate (logit: the teacher cache can serve it)."""
     teacher_cache: bool = True
     """Cache the teacher's top-k logits once and distill every candidate from them."""
@@ -86,7 +89,7 @@ class SearchConfig:
     """Held-out sequences (of seq_len) for the zero-shot screen."""
     eval_samples: int = 16
     """Held-out sequences (of seq_len) the ranking loss is measured on."""
-    seed: int = 0
+    seed: int = TrainConfig.seed
     isl: int = 128
     osl: int = 128
     batch: int = 8
@@ -98,8 +101,8 @@ class SearchConfig:
     this many nats/token of the best."""
 
     def __post_init__(self):
-        from compress.depth import DEPTH_METRICS
-        from compress.distill import LOSSES
+        from compactlm.compress.depth import DEPTH_METRICS
+        from compactlm.compress.train_config import LOSSES
 
         self.axes = parse_axes(self.axes)
         if self.rank_by not in RANK_BY:
@@ -129,17 +132,16 @@ class SearchConfig:
     def uses_cache(self) -> bool:
         return self.teacher_cache and self.loss == "logit"
 
-    def train_config(self):
-        from compress.train import TrainConfig
-
+    def train_config(self) -> TrainConfig:
+        """The short distillation every candidate gets (the other training options: TrainConfig's defaults)."""
         return TrainConfig(
-            tokens=self.retrain_tokens, batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr, seed=self.seed
+            tokens=self.retrain_tokens,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            min_lr=self.min_lr,
+            seed=self.seed,
         )
-
-    def fingerprint(self) -> dict:
-        """The settings the results depend on (K, the ranking and throughput settings may change on a re-run)."""
-        later = {"candidates", "rank_by", "isl", "osl", "batch", "repeats", "engine_precision", "loss_slack"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in later}
 
     def throughput_settings(self) -> dict:
         return {k: getattr(self, k) for k in ("isl", "osl", "batch", "repeats", "engine_precision")}
@@ -161,7 +163,8 @@ def candidates_frame(candidates: list[Candidate]) -> pd.DataFrame:
 
 def plan_search(model: str | os.PathLike, cfg: SearchConfig) -> tuple[Path, list[Candidate]]:
     """Resolve the model and enumerate its candidates (cheap: no weights loaded)."""
-    path, config = inspect_checkpoint(model)
+    checkpoint = inspect_checkpoint(model)
+    path, config = checkpoint.path, checkpoint.config
     if cfg.teacher is not None:
         inspect_checkpoint(cfg.teacher)
     return path, enumerate_candidates(config, cfg.space())
@@ -204,139 +207,164 @@ def choose_winner(board: pd.DataFrame, cfg: SearchConfig) -> str:
 # -- the run
 
 
-def _prepare(out: Path, cfg: SearchConfig, source: Path, teacher: Path, overwrite: bool) -> None:
-    settings = {"source": str(source.resolve()), "teacher": str(teacher.resolve()), **cfg.fingerprint()}
-    settings = json.loads(json.dumps(settings, default=str))
-    manifest = out / "search.json"
-    if manifest.is_file() and not overwrite:
-        before = json.loads(manifest.read_text()).get("settings", {})
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            raise CompactLMError(
-                f"{out} holds a search with other settings ({', '.join(changed)}): its results would not compare; "
-                "use another --out, or --overwrite to start over"
-            )
-    elif out.exists() and any(out.iterdir()):
-        if not manifest.is_file():
-            raise CompactLMError(f"{out} exists and is not a search folder (no search.json): choose another --out")
-        shutil.rmtree(out)  # --overwrite of an earlier search
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(manifest, {"settings": settings, "config": asdict(cfg)})
+def _heldout(path: Path, cfg: SearchConfig, samples: int):
+    from compactlm.compress.data import load_sequences
+
+    return load_sequences(cfg.data, load_tokenizer(path), num_sequences=samples, seq_len=cfg.seq_len, split="heldout")
 
 
-def _scores(model, out: Path, cfg: SearchConfig, candidates: list[Candidate]):
-    from compress.importance import ImportanceConfig, ImportanceScores
-    from compress.jobs import run_importance
+def _checkpoint_stage(run, name: str, path: Path) -> str:
+    """A stage that fingerprints a checkpoint's contents (what every stage that reads it depends on)."""
+    from compactlm.compress.checkpoint import checkpoint_sha256
+
+    def work(resume: bool) -> dict:
+        return {"path": str(path), "sha256": checkpoint_sha256(path)}
+
+    run.stage(name, {"path": str(path.resolve())}, [], work, lambda o: Path(o["path"]).is_dir())
+    return name
+
+
+def _scores(run, model, out: Path, cfg: SearchConfig, candidates: list[Candidate]):
+    from compactlm.compress.importance import ImportanceConfig, ImportanceScores
+    from compactlm.compress.operations import run_importance
 
     path = out / "scores.safetensors"
-    if path.is_file():
-        return ImportanceScores.load(path)
     layers = model.config.num_hidden_layers
     drops = sorted({layers - c.shape.num_layers for c in candidates} - {0})
     config = ImportanceConfig(
         batch_size=8,
         depth_samples=cfg.depth_samples,
-        block_sizes=tuple({1, *drops}),
+        block_sizes=tuple(sorted({1, *drops})),
         removal_loss=bool(drops) and cfg.depth_metric != "block-influence",
     )
-    scores = run_importance(model, cfg.data, cfg.importance_samples, cfg.seq_len, config)
-    scores.save(path)
-    return scores
+
+    def work(resume: bool) -> dict:
+        run_importance(model, cfg.data, cfg.importance_samples, cfg.seq_len, config).save(path)
+        return {"path": str(path)}
+
+    settings = {"importance": asdict(config), "samples": cfg.importance_samples, "seq_len": cfg.seq_len}
+    settings["data"] = cfg.data
+    run.stage("importance", settings, ["source"], work, lambda o: Path(o["path"]).is_file(), "forward passes only")
+    return ImportanceScores.load(path)
 
 
-def _heldout(path: Path, cfg: SearchConfig, samples: int):
-    from compress.data import load_sequences
-
-    return load_sequences(cfg.data, load_tokenizer(path), num_sequences=samples, seq_len=cfg.seq_len, split="heldout")
-
-
-def _screen(model, scores, candidates: list[Candidate], out: Path, cfg: SearchConfig, update) -> pd.DataFrame:
-    """Zero-shot held-out loss of each candidate, pruned in memory; rows appended to screen.csv as they finish."""
-    from compress.evaluate import perplexity
-    from compress.prune import prune
+def _screen(run, model, scores, candidates: list[Candidate], out: Path, cfg: SearchConfig, update) -> pd.DataFrame:
+    """Zero-shot held-out loss of each candidate, pruned in memory; rows appended to screen.csv as they finish
+    (a killed screen resumes at the next candidate)."""
+    from compactlm.compress.evaluate import perplexity
+    from compactlm.compress.prune import prune
 
     file = out / "screen.csv"
-    done = pd.read_csv(file) if file.is_file() else pd.DataFrame(columns=["candidate", "zero_shot_loss"])
-    todo = [c for c in candidates if c.name not in set(done["candidate"])]
-    sequences = _heldout(Path(model.compactlm_path), cfg, cfg.screen_samples) if todo else None
-    for i, candidate in enumerate(todo):
-        student, _, _ = prune(model, scores, candidate.target)
-        loss = perplexity(student, sequences).loss
-        del student
-        row = pd.DataFrame([{"candidate": candidate.name, "zero_shot_loss": loss}])
-        row.to_csv(file, mode="a", header=not file.is_file(), index=False)
-        update("screen: zero-shot loss", len(candidates) - len(todo) + i + 1, len(candidates))
+
+    def work(resume: bool) -> dict:
+        if not resume:
+            file.unlink(missing_ok=True)
+        done = pd.read_csv(file) if file.is_file() else pd.DataFrame(columns=["candidate", "zero_shot_loss"])
+        todo = [c for c in candidates if c.name not in set(done["candidate"])]
+        sequences = _heldout(Path(model.compactlm_path), cfg, cfg.screen_samples) if todo else None
+        for i, candidate in enumerate(todo):
+            student, _, _ = prune(model, scores, candidate.target)
+            loss = perplexity(student, sequences).loss
+            del student
+            row = pd.DataFrame([{"candidate": candidate.name, "zero_shot_loss": loss}])
+            row.to_csv(file, mode="a", header=not file.is_file(), index=False)
+            update("screen: zero-shot loss", len(candidates) - len(todo) + i + 1, len(candidates))
+        return {"path": str(file)}
+
+    settings = {"candidates": [c.name for c in candidates], "samples": cfg.screen_samples, "seq_len": cfg.seq_len}
+    settings["data"] = cfg.data
+    run.stage("screen", settings, ["importance"], work, lambda o: Path(o["path"]).is_file(), "zero-shot loss")
     screened = pd.read_csv(file)
     return candidates_frame(candidates).merge(screened, on="candidate", how="left")
 
 
-def _retrain(model, scores, candidate: Candidate, teacher: Path, cache: Path | None, out: Path, cfg) -> dict:
-    """Prune, distill briefly, record: candidates/<name>/result.json (skipped when it is there)."""
-    from compress.distill import DistillConfig
-    from compress.jobs import prune_checkpoint
-    from compress.retrain import distill_checkpoint, work_dir_for
+def _teacher_cache(run, teacher: Path, teacher_stage: str, out: Path, cfg: SearchConfig) -> Path | None:
+    from compactlm.compress.retrain import cache_logits
+    from compactlm.compress.train_config import CACHE_FIELDS
+
+    if not cfg.uses_cache():
+        return None
+    cache = out / "teacher-cache"
+    train = cfg.train_config()
+
+    def work(resume: bool) -> dict:
+        cache_logits(teacher, cache, data=cfg.data, train_cfg=train, top_k=cfg.top_k, overwrite=True)
+        return {"path": str(cache)}
+
+    settings = {k: getattr(train, k) for k in CACHE_FIELDS} | {"top_k": cfg.top_k, "data": cfg.data}
+    run.stage("teacher-cache", settings, [teacher_stage], work, lambda o: Path(o["path"]).is_dir())
+    return cache
+
+
+def _retrain(run, model, scores, candidate: Candidate, teacher: Path, deps: list[str], cache, out: Path, cfg) -> dict:
+    """Prune and distill briefly: candidates/<name>/{pruned,retrained,result.json}."""
+    from compactlm.compress.operations import prune_checkpoint
+    from compactlm.compress.retrain import distill_checkpoint
 
     folder = out / "candidates" / candidate.name
-    result_file = folder / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    pruned, retrained = folder / "pruned", folder / "retrained"
-    if not (pruned / "config.json").is_file():
-        prune_checkpoint(model, pruned, candidate.target, scores=scores)
-    if (retrained / "config.json").is_file():
-        record = read_record(retrained)["history"][-1]
-    else:
+    pruned, retrained, result_file = folder / "pruned", folder / "retrained", folder / "result.json"
+
+    def work(resume: bool) -> dict:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (resume and (pruned / "config.json").is_file()):
+            prune_checkpoint(model, pruned, candidate.target, scores=scores, overwrite=True)
         record = distill_checkpoint(
             teacher,
             pruned,
             retrained,
             data=cfg.data,
-            seq_len=cfg.seq_len,
             train_cfg=cfg.train_config(),
             distill_cfg=DistillConfig(loss=cfg.loss),
             teacher_cache=cache,
-            resume=work_dir_for(retrained).exists(),
+            resume=resume and work_dir_for(retrained).exists(),
+            overwrite=True,
             eval_samples=cfg.eval_samples,
         )
-    result = candidate.row() | {
-        "heldout_loss": record["heldout_loss"],
-        "perplexity": math.exp(record["heldout_loss"]),
-        "final_train_loss": record["final_train_loss"],
-        "retrain_tokens": record["tokens"],
-        "retrain_seconds": record["seconds"],
-        "pruned": str(pruned),
-        "retrained": str(retrained),
-    }
-    write_json(result_file, result)
-    return result
+        result = candidate.row() | {
+            "heldout_loss": record["heldout_loss"],
+            "perplexity": math.exp(record["heldout_loss"]),
+            "final_train_loss": record["final_train_loss"],
+            "retrain_tokens": record["tokens"],
+            "retrain_seconds": record["seconds"],
+            "pruned": str(pruned),
+            "retrained": str(retrained),
+        }
+        write_json(result_file, result)
+        return {"path": str(result_file)}
+
+    settings = {"target": asdict(candidate.target), "train": asdict(cfg.train_config()), "loss": cfg.loss}
+    settings |= {"eval_samples": cfg.eval_samples, "data": cfg.data}
+    present = lambda o: Path(o["path"]).is_file() and (retrained / "config.json").is_file()  # noqa: E731
+    run.stage(f"retrain/{candidate.name}", settings, deps, work, present, f"{cfg.retrain_tokens:,} tokens")
+    return read_json(result_file, "candidate result")
 
 
-def _throughputs(models: list[tuple[Path, Path]], cfg: SearchConfig, measure: Measure) -> list[dict]:
-    """(checkpoint, folder) -> throughput.json in each folder. Kept while the throughput settings are the same;
-    the missing ones are measured together, interleaved."""
+def _throughputs(run, models: list[tuple[str, Path, Path]], cfg: SearchConfig, measure: Measure) -> list[dict]:
+    """(stage, checkpoint, folder) -> one `throughput/<name>` stage each. The ones not measured yet with these
+    settings are measured together, interleaved, so that a busy machine's drift hits them alike."""
     settings = cfg.throughput_settings()
-    results: dict[int, dict] = {}
-    for i, (_, folder) in enumerate(models):
-        file = folder / "throughput.json"
-        if file.is_file():
-            saved = json.loads(file.read_text())
-            if saved.get("settings") == settings:
-                results[i] = saved["result"]
-    todo = [i for i in range(len(models)) if i not in results]
+    stages = [(f"throughput/{Path(folder).name}", dep, folder) for dep, _, folder in models]
+    todo = [i for i, (name, dep, _) in enumerate(stages) if not run.is_done(name, settings, [dep])]
+    measured = {}
     if todo:
-        pairs = [(models[i][0], models[i][1] / f"engine-{cfg.engine_precision}") for i in todo]
+        pairs = [(models[i][1], models[i][2] / f"engine-{cfg.engine_precision}") for i in todo]
         for i in todo:
-            models[i][1].mkdir(parents=True, exist_ok=True)
-        for i, result in zip(todo, measure(pairs), strict=True):
-            write_json(models[i][1] / "throughput.json", {"settings": settings, "result": result})
-            results[i] = result
-    return [results[i] for i in range(len(models))]
+            models[i][2].mkdir(parents=True, exist_ok=True)
+        measured = dict(zip(todo, measure(pairs), strict=True))
+    results = []
+    for i, (name, dep, folder) in enumerate(stages):
+
+        def work(resume: bool, i=i, folder=folder) -> dict:
+            write_json(folder / "throughput.json", {"settings": settings, "result": measured[i]})
+            return {"result": measured[i]}
+
+        results.append(run.stage(name, settings, [dep], work).outputs["result"])
+    return results
 
 
 def _reference(name: str, path: Path, cfg: SearchConfig, role: str) -> dict:
-    from compress.arch import count_params, shape_of
-    from compress.evaluate import perplexity
+    from compactlm.compress.arch import count_params, shape_of
+    from compactlm.compress.evaluate import perplexity
 
     model = load_model(path)
     loss = perplexity(model, _heldout(path, cfg, cfg.eval_samples)).loss
@@ -366,39 +394,39 @@ def run_search(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SearchResult:
     """Search `model` for the best architecture within `cfg`'s budget; resumable in `out` (see the module doc)."""
-    from compress.retrain import cache_logits
+    from compactlm.core.runs import Run
 
     if cfg.rank_by == "loss+throughput" and measure is None:
         raise CompactLMError("--rank-by loss+throughput needs a throughput measure (the CLI passes the benchmark's)")
     out = Path(out).expanduser()
     source, candidates = plan_search(model, cfg)
-    teacher = inspect_checkpoint(cfg.teacher)[0] if cfg.teacher else source
-    _prepare(out, cfg, source, teacher, overwrite)
+    teacher = inspect_checkpoint(cfg.teacher).path if cfg.teacher else source
+    run = Run.claim(out, "search", source.name, overwrite=overwrite)
+    write_json(
+        out / "search.json", {"source": str(source.resolve()), "teacher": str(teacher.resolve()), "config": asdict(cfg)}
+    )
     update = progress or (lambda stage, done, total: None)
     candidates_frame(candidates).to_csv(out / "candidates.csv", index=False)
+    _checkpoint_stage(run, "source", source)
+    teacher_stage = "source" if teacher == source else _checkpoint_stage(run, "teacher", teacher)
 
     base = load_model(source)
-    scores = _scores(base, out, cfg, candidates)
+    scores = _scores(run, base, out, cfg, candidates)
     table = candidates_frame(candidates)
     if len(candidates) > cfg.candidates:
-        table = _screen(base, scores, candidates, out, cfg, update)
+        table = _screen(run, base, scores, candidates, out, cfg, update)
         chosen = select(table, cfg.candidates)
     else:
         chosen = [c.name for c in candidates]
     table["retrained"] = table["candidate"].isin(chosen)
     table.to_csv(out / "candidates.csv", index=False)
 
-    cache = None
-    if cfg.uses_cache():
-        cache = out / "teacher-cache"
-        if not (cache / "cache.json").is_file():
-            cache_logits(
-                teacher, cache, data=cfg.data, seq_len=cfg.seq_len, train_cfg=cfg.train_config(), top_k=cfg.top_k
-            )
+    cache = _teacher_cache(run, teacher, teacher_stage, out, cfg)
+    deps = ["importance", "teacher-cache" if cache else teacher_stage]
     by_name = {c.name: c for c in candidates}
     results = []
     for i, name in enumerate(chosen):
-        results.append(_retrain(base, scores, by_name[name], teacher, cache, out, cfg))
+        results.append(_retrain(run, base, scores, by_name[name], teacher, deps, cache, out, cfg))
         update("search: candidates retrained", i + 1, len(chosen))
     del base
 
@@ -411,9 +439,11 @@ def run_search(
     if teacher != source:
         references.append(_reference("teacher", teacher, cfg, "teacher"))
     if cfg.rank_by == "loss+throughput":
-        models = [(source, out / "source")]
-        models += [(Path(r["retrained"]), out / "candidates" / r["candidate"]) for r in results]
-        ref, *measured = _throughputs(models, cfg, measure)
+        models = [("source", source, out / "source")]
+        models += [
+            (f"retrain/{r['candidate']}", Path(r["retrained"]), out / "candidates" / r["candidate"]) for r in results
+        ]
+        ref, *measured = _throughputs(run, models, cfg, measure)
         for key in ("request_throughput", "output_throughput"):
             board[key] = [m[key] for m in measured]
         for key in ("request_throughput", "output_throughput"):

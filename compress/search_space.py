@@ -9,9 +9,9 @@ attention heads with their KV groups (heads). Each axis runs on a grid from the 
 - hidden and MLP sizes are multiples of `multiple_of` (16: FP8 GEMMs and the int4 group sizes of both
   engines need it), and the hidden size is a multiple of the head count when the config class the checkpoint
   loads with insists on it (transformers' LlamaConfig does, even with head_dim set);
-- each candidate is checked by `compress.prune.plan`, the same check `compress prune` runs.
+- each candidate is checked by `compactlm.compress.prune.plan`, the same check `compress prune` runs.
 
-Parameters are counted analytically (`compress.arch.count_params`, embeddings counted once when tied), so
+Parameters are counted analytically (`compactlm.compress.arch.count_params`, embeddings counted once when tied), so
 enumerating thousands of shapes costs milliseconds.
 """
 
@@ -21,9 +21,9 @@ import itertools
 import math
 from dataclasses import dataclass, replace
 
-from compress.arch import ModelShape, count_params, shape_of, validate_config
-from compress.errors import CompactLMError
-from compress.prune import PruneTarget, plan
+from compactlm.compress.arch import ModelShape, count_params, shape_of, validate_config
+from compactlm.compress.prune import PruneTarget, plan
+from compactlm.core.errors import CompactLMError
 
 AXES = ("depth", "width", "heads", "ffn")
 ALIASES = {"layers": "depth", "hidden": "width", "embedding": "width", "mlp": "ffn", "attention": "heads"}

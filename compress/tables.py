@@ -1,11 +1,14 @@
-"""Rich tables for people: depth ranking, model comparisons."""
+"""Rich tables for people: depth ranking, model comparisons, search candidates and chain families."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from rich.table import Table
 
-from compress.importance import ImportanceScores
+if TYPE_CHECKING:
+    from compactlm.compress.importance import ImportanceScores
 
 
 def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
@@ -55,6 +58,46 @@ def results_table(frame: pd.DataFrame, title: str) -> Table:
                 cells.append(f"{value / 1e6:.1f}M")
             elif isinstance(value, float):
                 cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(value))
+        table.add_row(*cells)
+    return table
+
+
+LEADERBOARD_COLUMNS = (
+    "rank",
+    "candidate",
+    "params",
+    "zero_shot_loss",
+    "heldout_loss",
+    "perplexity",
+    "request_throughput",
+    "speedup_vs_source",
+    "on_front",
+    "winner",
+)
+
+
+def candidates_table(frame, title: str, total_params: int | None = None) -> Table:
+    table = Table(title=title)
+    columns = [c for c in frame.columns if c not in ("pruned", "retrained", "role", "final_train_loss")]
+    for column in columns:
+        text = frame[column].dtype == object
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
+    for _, row in frame.iterrows():
+        cells = []
+        for column in columns:
+            value = row[column]
+            if column == "rank" and isinstance(value, float):
+                cells.append("" if value != value else str(int(value)))
+            elif column == "params":
+                cells.append(f"{value / 1e6:.1f}M")
+            elif column == "params_fraction":
+                cells.append(f"{value:.1%}")
+            elif isinstance(value, float):
+                cells.append("" if value != value else f"{value:.3f}")
+            elif isinstance(value, bool):
+                cells.append("yes" if value else "")
             else:
                 cells.append(str(value))
         table.add_row(*cells)

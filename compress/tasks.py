@@ -46,8 +46,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import CompactLMError
-from compress.models import compactlm_home
+from compactlm.compress.models import compactlm_home
+from compactlm.core.errors import CompactLMError
 
 BIGBENCH_SPEC = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
@@ -134,7 +134,7 @@ def pull_tasks(names: Iterable[str] | None = None, sdist: str | os.PathLike | No
     sdist = sdist or os.environ.get(SDIST_ENV)
     from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from compress.progress import console
+    from compactlm.core.console import console
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

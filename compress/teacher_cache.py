@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 MANIFEST = "cache.json"
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,7 +44,7 @@ def cache_teacher_logits(
     """Run the teacher over `sequences` and store its top-k logits per position, sharded."""
     from safetensors.torch import save_file
 
-    from compress.checkpoint import atomic_dir
+    from compactlm.core.io import atomic_dir
 
     vocab = teacher.config.vocab_size
     if not 1 <= top_k <= vocab:

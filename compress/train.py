@@ -27,67 +27,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from compress.errors import CompactLMError
-
-PRECISIONS = ("auto", "fp32", "bf16")
-PARALLEL = ("ddp", "fsdp")
-
-
-@dataclass
-class TrainConfig:
-    """How long and how to train."""
-
-    steps: int | None = None
-    """Optimizer steps (give this or `tokens`)."""
-    tokens: int | None = None
-    """Token budget; steps = tokens / (global batch x seq_len), rounded up."""
-    batch_size: int = 4
-    """Sequences per micro-batch, per process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step, per process."""
-    lr: float = 1e-4
-    """Peak learning rate (the paper's)."""
-    min_lr: float = 1e-5
-    """Learning rate at the end of the cosine decay (the paper's)."""
-    warmup_steps: int | None = None
-    """Linear warm-up steps; default: the paper's 40, or 10% of a shorter run."""
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm (0 disables)."""
-    precision: str = "auto"
-    """fp32, or bf16 autocast; auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU: ask for it with bf16)."""
-    save_every: int = 50
-    """Checkpoint every N optimizer steps (0: only on interrupt)."""
-    seed: int = 0
-    parallel: str = "ddp"
-    """Under torchrun: ddp, or fsdp (CUDA only)."""
-
-    def __post_init__(self):
-        if (self.steps is None) == (self.tokens is None):
-            raise CompactLMError("give exactly one of --steps and --tokens")
-        for name in ("steps", "tokens", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise CompactLMError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-        if not 0 < self.min_lr <= self.lr:
-            raise CompactLMError(f"need 0 < --min-lr ({self.min_lr}) <= --lr ({self.lr})")
-        if self.precision not in PRECISIONS:
-            raise CompactLMError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if self.parallel not in PARALLEL:
-            raise CompactLMError(f"--parallel must be one of {', '.join(PARALLEL)}")
-        if self.save_every < 0:
-            raise CompactLMError("--save-every must be >= 0")
-
-    def total_steps(self, seq_len: int, world_size: int = 1) -> int:
-        if self.steps is not None:
-            return self.steps
-        return max(1, math.ceil(self.tokens / (self.global_batch(world_size) * seq_len)))
-
-    def global_batch(self, world_size: int = 1) -> int:
-        return self.batch_size * self.grad_accum * world_size
-
-    def warmup(self, total: int) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else min(40, max(1, total // 10))
+from compactlm.compress.train_config import TrainConfig
+from compactlm.core.errors import CompactLMError
 
 
 @dataclass
@@ -116,7 +57,7 @@ class CrossEntropy:
         return []
 
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        from compress.losses import cross_entropy
+        from compactlm.compress.losses import cross_entropy
 
         loss = cross_entropy(model(input_ids=batch.input_ids, use_cache=False).logits, batch.input_ids)
         return loss, {"ce": loss.item()}
@@ -411,7 +352,7 @@ def _mean_over_ranks(value: float, dist: Distributed) -> float:
 
 @contextlib.contextmanager
 def _progress(description: str, total: int, start: int):
-    from compress.progress import progress_bar
+    from compactlm.core.console import progress_bar
 
     with progress_bar("loss {task.fields[loss]}", "{task.fields[speed]} tok/s") as progress:
         task = progress.add_task(description, total=total, completed=start, loss="-", speed="-")
@@ -440,7 +381,18 @@ def _checkpoints(work_dir: Path) -> list[Path]:
 
 def _config_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the interrupted one."""
-    keep = ("steps", "tokens", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "seed")
+    keep = (
+        "steps",
+        "tokens",
+        "seq_len",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "min_lr",
+        "warmup_steps",
+        "weight_decay",
+        "seed",
+    )
     return {k: v for k, v in asdict(cfg).items() if k in keep}
 
 

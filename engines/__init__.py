@@ -1,6 +1,6 @@
 """Engine builder: compile a Hugging Face checkpoint into an inference engine and run it through one interface.
 
-    from engines import BuildConfig, build_engine, load_engine, Request
+    from compactlm.engines import BuildConfig, build_engine, load_engine, Request
     build_engine("smollm2-135m", "engines/smol-fp32", BuildConfig(backend="cpu", precision="fp32"))
     with load_engine("engines/smol-fp32") as engine:
         completions = engine.generate([[1, 2, 3]], max_new_tokens=16)
@@ -10,11 +10,11 @@ the reference) and `trtllm` (TensorRT-LLM FP16/FP8 via a modelopt checkpoint). E
 engine.json (engines/manifest.py): its source, precision, limits and the versions it was built with.
 """
 
-from engines.build import build_engine
-from engines.config import BuildConfig, Limits
-from engines.manifest import Manifest, read_manifest
-from engines.registry import get_backend, list_backends
-from engines.runtime import Completion, Engine, Request, RequestStream, load_engine
+from compactlm.engines.build import build_engine
+from compactlm.engines.config import BuildConfig, Limits
+from compactlm.engines.manifest import Manifest, read_manifest
+from compactlm.engines.registry import get_backend, list_backends, load_engine
+from compactlm.engines.runtime import Completion, Engine, Request, RequestStream
 
 __all__ = [
     "BuildConfig",

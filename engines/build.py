@@ -8,13 +8,15 @@ import os
 import time
 from pathlib import Path
 
-from compress.errors import CompactLMError
-from engines.config import BuildConfig
-from engines.manifest import Manifest, checkpoint_sha256, host_info, library_versions, write_manifest
+from compactlm.core.errors import CompactLMError
+from compactlm.core.host import host_info, library_versions
+from compactlm.core.io import atomic_dir, check_output
+from compactlm.engines.config import BuildConfig
+from compactlm.engines.manifest import Manifest, write_manifest
 
 
 def model_summary(model_config) -> dict:
-    from compress.arch import count_params, family_of, shape_of
+    from compactlm.compress.arch import count_params, family_of, shape_of
 
     shape = shape_of(model_config)
     return {
@@ -40,12 +42,11 @@ def eos_token_ids(checkpoint: Path, model_config) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def copy_tokenizer(checkpoint: Path, out: Path) -> bool:
+def copy_tokenizer(checkpoint, out: Path) -> bool:
     """Ship the source's tokenizer inside the engine so that an engine folder is all a runtime needs."""
-    names = ("tokenizer.json", "tokenizer.model", "vocab.json")
-    if not any((checkpoint / n).is_file() for n in names):
+    if not checkpoint.has_tokenizer:
         return False
-    from compress.checkpoint import load_tokenizer
+    from compactlm.compress.checkpoint import load_tokenizer
 
     load_tokenizer(checkpoint).save_pretrained(out / "tokenizer")
     return True
@@ -60,30 +61,29 @@ def check_limits(model_config, config: BuildConfig) -> None:
 
 
 def build_engine(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, config: BuildConfig | None = None, overwrite: bool = False
+    checkpoint, out: str | os.PathLike, config: BuildConfig | None = None, overwrite: bool = False
 ) -> Path:
-    """Compile a Hugging Face checkpoint (path or bundled name) into an engine folder with engine.json beside it."""
-    from compress.checkpoint import atomic_dir, check_output, inspect_checkpoint, read_record
-    from engines.registry import get_backend
+    """Compile a Hugging Face checkpoint (a path, a bundled name or a resolved Checkpoint) into an engine folder
+    with engine.json beside it. The checkpoint is resolved once and handed to the backend as it is."""
+    from compactlm.compress.checkpoint import inspect_checkpoint
+    from compactlm.engines.registry import get_backend
 
     config = config or BuildConfig()
     backend = get_backend(config.backend)
     config = dataclasses.replace(config, precision=backend.resolve_precision(config.precision))
     out = check_output(out, overwrite)
-    path, model_config = inspect_checkpoint(checkpoint)
+    checkpoint = inspect_checkpoint(checkpoint)
+    path, model_config = checkpoint.path, checkpoint.config
     check_limits(model_config, config)
     backend.check_available(config)
     backend.check_model(model_config, config)
-    from compress.quantize import quantized_format
-
-    quantized = quantized_format(path)
-    if quantized is not None:
-        backend.check_quantized(quantized, config)
+    if checkpoint.quantized is not None:
+        backend.check_quantized(checkpoint.quantized, config)
 
     start = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        has_tokenizer = copy_tokenizer(path, tmp)
-        info = backend.build(path, tmp, config)
+        has_tokenizer = copy_tokenizer(checkpoint, tmp)
+        info = backend.build(checkpoint, tmp, config)
         info.setdefault("eos_token_ids", eos_token_ids(path, model_config))
         info["tokenizer"] = has_tokenizer
         manifest = Manifest(
@@ -91,7 +91,7 @@ def build_engine(
             precision=config.precision,
             limits=config.limits,
             tp_size=config.tp_size,
-            source={"path": str(path.resolve()), "sha256": checkpoint_sha256(path), "record": read_record(path)},
+            source={"path": str(path.resolve()), "sha256": checkpoint.sha256(), "record": checkpoint.record},
             model=model_summary(model_config),
             build_seconds=round(time.perf_counter() - start, 2),
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

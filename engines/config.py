@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 
 @dataclass(frozen=True)

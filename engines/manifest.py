@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import platform
-import socket
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
-from compress.errors import CompactLMError
-from engines.config import Limits
+from compactlm.core.errors import CompactLMError
+from compactlm.engines.config import Limits
 
 MANIFEST = "engine.json"
 FORMAT = 1
-LIBRARIES = (
-    "compactlm",
-    "torch",
-    "transformers",
-    "openvino",
-    "openvino-genai",
-    "nvidia-modelopt",
-    "tensorrt-llm",
-    "tensorrt",
-)
 
 
 @dataclass
@@ -87,57 +73,3 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     if manifest.format > FORMAT:
         raise CompactLMError(f"{path} has format {manifest.format}; this compactlm reads format <= {FORMAT}: upgrade")
     return manifest
-
-
-def checkpoint_sha256(folder: Path) -> str:
-    """Content hash of a checkpoint: its config and weight files (names and bytes), in name order."""
-    digest = hashlib.sha256()
-    names = ["config.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
-    for name in names:
-        digest.update(name.encode() + b"\0")
-        with open(folder / name, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def library_versions() -> dict:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def gpu_model() -> str | None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # a broken CUDA setup must not stop a CPU build
-        return None
-    return None
-
-
-def host_info() -> dict:
-    return {
-        "hostname": socket.gethostname(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpu": gpu_model(),
-    }

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.errors import CompactLMError
-from engines.manifest import read_manifest
+from compactlm.core.errors import CompactLMError
+from compactlm.engines.manifest import read_manifest
 
 
 def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:

@@ -1,81 +1,50 @@
-"""The backend registry: each backend says which precisions it builds, checks that it can run here and that a
-model's shape suits it, builds an engine folder and loads one. Heavy imports stay inside each backend."""
+"""The backend registry: a backend is found by name and imported on first use, so that listing backends or
+opening one engine never imports the other engines' libraries."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
-from compress.errors import CompactLMError
+from compactlm.core.errors import CompactLMError
 
 if TYPE_CHECKING:
-    from engines.config import BuildConfig
-    from engines.manifest import Manifest
-    from engines.runtime import Engine
+    from compactlm.engines.backend import Backend
+    from compactlm.engines.runtime import Engine
+
+BACKENDS: dict[str, str] = {
+    "cpu": "compactlm.engines.backends.openvino.engine:CpuBackend",
+    "torch": "compactlm.engines.backends.torch_engine:TorchBackend",
+    "trtllm": "compactlm.engines.backends.trtllm.engine:TrtllmBackend",
+}
+"""Backend name -> `module:class`; `register` adds one."""
+_LOADED: dict[str, Backend] = {}
 
 
-class Backend(ABC):
-    name: ClassVar[str]
-    precisions: ClassVar[tuple[str, ...]]
-    default_precision: ClassVar[str]
-    description: ClassVar[str]
-
-    def resolve_precision(self, precision: str | None) -> str:
-        precision = precision or self.default_precision
-        if precision not in self.precisions:
-            raise CompactLMError(
-                f"backend {self.name!r} has no precision {precision!r}; choose from {', '.join(self.precisions)}"
-            )
-        return precision
-
-    def check_available(self, config: BuildConfig) -> None:  # noqa: B027 - optional hook
-        """Raise a CompactLMError naming what is missing (a library, a GPU) when this backend cannot build here."""
-
-    def check_model(self, model_config, config: BuildConfig) -> None:  # noqa: B027 - optional hook
-        """Raise a CompactLMError when this backend cannot run the model's shape (caught at build time)."""
-
-    def check_quantized(self, fmt: str, config: BuildConfig) -> None:
-        """A checkpoint quantized by `compress quantize` (modelopt fake-quant, smoothing folded into its weights):
-        refused unless the backend exports modelopt's scales (trtllm overrides this)."""
-        raise CompactLMError(
-            f"the checkpoint is quantized with modelopt ({fmt}); the {self.name} backend would read it as a plain "
-            f"model and lose (or corrupt, for SmoothQuant and AWQ) the quantization: build it with --backend trtllm "
-            f"--precision {fmt}, or build its unquantized parent with this backend's own precisions "
-            f"({', '.join(self.precisions)})"
-        )
-
-    @abstractmethod
-    def build(self, checkpoint: Path, out: Path, config: BuildConfig) -> dict:
-        """Write the engine files into `out` (a fresh temp folder); return backend details for the manifest."""
-
-    @abstractmethod
-    def load(self, path: Path, manifest: Manifest) -> Engine:
-        """Open a built engine for generation."""
-
-
-BACKENDS: dict[str, Backend] = {}
-
-
-def register(cls: type[Backend]) -> type[Backend]:
-    BACKENDS[cls.name] = cls()
-    return cls
-
-
-def _load_builtin() -> None:
-    # Importing a backend module only registers it: none imports its engine library at module level.
-    import engines.openvino_engine  # noqa: F401
-    import engines.torch_engine  # noqa: F401
-    import engines.trtllm_engine  # noqa: F401
+def register(name: str, target: str) -> None:
+    """Make a backend available by name: `target` is `module:class` of a compactlm.engines.backend.Backend."""
+    BACKENDS[name] = target
+    _LOADED.pop(name, None)
 
 
 def get_backend(name: str) -> Backend:
-    _load_builtin()
     if name not in BACKENDS:
         raise CompactLMError(f"unknown backend {name!r}; choose from {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]
+    if name not in _LOADED:
+        module, _, cls = BACKENDS[name].partition(":")
+        _LOADED[name] = getattr(importlib.import_module(module), cls)()
+    return _LOADED[name]
 
 
 def list_backends() -> list[Backend]:
-    _load_builtin()
-    return [BACKENDS[name] for name in sorted(BACKENDS)]
+    return [get_backend(name) for name in sorted(BACKENDS)]
+
+
+def load_engine(path: str | Path) -> Engine:
+    """Open a built engine folder (any backend) for generation."""
+    from compactlm.engines.manifest import read_manifest
+
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    return get_backend(manifest.backend).load(path, manifest)

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress.errors import CompactLMError
-from engines.manifest import Manifest, read_manifest
+from compactlm.core.errors import CompactLMError
+from compactlm.engines.manifest import Manifest
 
 _ids = itertools.count()
 
@@ -256,12 +256,3 @@ class Engine(ABC):
 
     def _release(self) -> None:  # noqa: B027 - optional hook
         """Free the backend's resources after the worker stopped."""
-
-
-def load_engine(path: str | Path) -> Engine:
-    """Open a built engine folder (any backend) for generation."""
-    from engines.registry import get_backend
-
-    path = Path(path).expanduser()
-    manifest = read_manifest(path)
-    return get_backend(manifest.backend).load(path, manifest)

@@ -10,8 +10,8 @@ Runs are interleaved (baseline, bare, wrapper, baseline, ...) and the median of 
 Targets (issue: engine builder): fp32 >= 2.5x transformers at batch 1 and 32; int4 >= 7x at batch 1 and 4x at
 batch 32; the wrapper within 3% of the bare engine.
 
-    python -m bench.perf.cpu_engine --build runs/engines [--repeats 3] [--out results.json]
-    python -m bench.perf.cpu_engine --engines fp32=ENGINE_DIR int4=ENGINE_DIR ...
+    python -m compactlm.bench.perf.cpu_engine --build runs/engines [--repeats 3] [--out results.json]
+    python -m compactlm.bench.perf.cpu_engine --engines fp32=ENGINE_DIR int4=ENGINE_DIR ...
 
 --build DIR builds (once) the SmolLM2-135M cpu engines of every precision into DIR, and the stock exports of
 --stock's precisions (labels PRECISION-stock, measured bare only), and measures them.
@@ -67,8 +67,8 @@ def wrapper_run(engine, prompts: np.ndarray, osl: int) -> int:
 def ensure_engine(checkpoint: str | Path, out: Path, precision: str, limits, stock: bool = False) -> Path:
     """The cpu engine at `out` (`stock`: the export as is, no q/k/v fusion), built first if it is not there or was
     built otherwise: benchmarks reuse their engines between runs."""
-    from engines import BuildConfig, build_engine, read_manifest
-    from engines.openvino_engine import fuses_qkv
+    from compactlm.engines import BuildConfig, build_engine, read_manifest
+    from compactlm.engines.backends.openvino.engine import fuses_qkv
 
     fuse_qkv = False if stock else None
     stale = False
@@ -88,7 +88,7 @@ def ensure_engine(checkpoint: str | Path, out: Path, precision: str, limits, sto
 def build_all(
     folder: Path, precisions: list[str], stock: list[str], checkpoint: str, batch: int, isl: int, osl: int
 ) -> list[str]:
-    from engines import Limits
+    from compactlm.engines import Limits
 
     limits = Limits(max_batch_size=batch, max_input_len=isl, max_seq_len=isl + osl, max_num_tokens=2048)
     built = [
@@ -117,8 +117,8 @@ def main() -> None:
 
     import torch
 
-    from compress.checkpoint import load_model
-    from engines import load_engine
+    from compactlm.compress.checkpoint import load_model
+    from compactlm.engines import load_engine
 
     batches = [int(b) for b in args.batches.split(",")]
     if args.build:

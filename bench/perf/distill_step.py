@@ -5,7 +5,8 @@ training step (CE: forward, backward, AdamW) plus one teacher forward (inference
 overhead is what distillation adds on top: the KL over the full vocabulary, hidden-state hooks and losses.
 Runs are interleaved and the median of the repeats is reported.
 
-    python -m bench.perf.distill_step [--student runs/demo/depth] [--loss logit] [--batch-size 4] [--seq-len 256]
+    python -m compactlm.bench.perf.distill_step [--student runs/demo/depth] [--loss logit] [--batch-size 4] \
+        [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import statistics
 
 import torch
 
-from bench.perf.timing import interleaved
+from compactlm.bench.perf.timing import interleaved
 
 
 def main() -> None:
@@ -28,10 +29,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from compress.checkpoint import load_model, load_tokenizer
-    from compress.data import load_sequences
-    from compress.distill import Distillation, DistillConfig, lineage
-    from compress.train import Batch, CrossEntropy
+    from compactlm.compress.checkpoint import load_model, load_tokenizer
+    from compactlm.compress.data import load_sequences
+    from compactlm.compress.distill import Distillation, lineage
+    from compactlm.compress.train import Batch, CrossEntropy
+    from compactlm.compress.train_config import DistillConfig
 
     teacher, student = load_model(args.teacher), load_model(args.student)
     teacher.requires_grad_(False)

@@ -12,8 +12,8 @@ submit - the previous request's last token, per client at concurrency 1) and com
 cross-check, the harness's request rate at concurrency 1 is compared with a bare loop of `engine.generate` on the
 same prompts.
 
-    python -m bench.perf.harness_overhead [--requests 20000] [--engine DIR [--isl 128 --osl 128 --real-requests 8]]
-        [--out results.json]
+    python -m compactlm.bench.perf.harness_overhead [--requests 20000] \
+        [--engine DIR [--isl 128 --osl 128 --real-requests 8]] [--out results.json]
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import time
 
 import numpy as np
 
-from bench.fake import NullEngine
-from bench.loadgen import Load, run_load
-from bench.metrics import summarize
-from bench.targets import EngineTarget
-from bench.workload import Workload, WorkloadSpec
+from compactlm.bench.fake import NullEngine
+from compactlm.bench.loadgen import Load, run_load
+from compactlm.bench.metrics import summarize
+from compactlm.bench.targets import EngineTarget
+from compactlm.bench.workload import Workload, WorkloadSpec
 
 NULL_TARGET = 5000.0
 OVERHEAD_TARGET = 0.01
@@ -67,7 +67,7 @@ def null_engine(requests: int, isl: int, osl: int, repeats: int) -> dict:
 
 def real_engine(path: str, isl: int, osl: int, requests: int, batch_sizes: list[int]) -> dict:
     """Latencies the harness reports on a real engine, the harness's resubmit gap, and a bare-loop cross-check."""
-    from bench.targets import open_target
+    from compactlm.bench.targets import open_target
 
     out = {}
     with open_target(path) as target:  # an engine folder (`null` for a smoke test of this script)

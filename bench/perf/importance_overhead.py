@@ -7,7 +7,8 @@ baseline is the base model's plain forward; the full forward (with LM head) is s
 interleaved (plain, hooked, full, plain, ...) so that drift of the machine hits all three alike; the median of
 the repeats is reported.
 
-    python -m bench.perf.importance_overhead [--model smollm2-135m] [--samples 32] [--seq-len 256] [--repeats 5]
+    python -m compactlm.bench.perf.importance_overhead [--model smollm2-135m] [--samples 32] [--seq-len 256] \
+        [--repeats 5]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 
 import torch
 
-from bench.perf.timing import interleaved
+from compactlm.bench.perf.timing import interleaved
 
 
 def main() -> None:
@@ -31,9 +32,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from compress.checkpoint import load_model, load_tokenizer
-    from compress.data import load_sequences
-    from compress.importance import ImportanceConfig, estimate_importance
+    from compactlm.compress.checkpoint import load_model, load_tokenizer
+    from compactlm.compress.data import load_sequences
+    from compactlm.compress.importance import ImportanceConfig, estimate_importance
 
     model = load_model(args.model)
     tokens = load_sequences(args.data, load_tokenizer(args.model), num_sequences=args.samples, seq_len=args.seq_len)

@@ -8,7 +8,7 @@ and of its whole tree (tritonserver and its Python-backend stubs), once a second
 of the first and the last 10 s of the measured load. The server is then stopped with SIGTERM and its exit
 status and summary kept.
 
-    python -m bench.perf.serve_soak --engine ENGINE_DIR [--clients 32] [--duration 60] [--out FILE.json]
+    python -m compactlm.bench.perf.serve_soak --engine ENGINE_DIR [--clients 32] [--duration 60] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bench.metrics import RequestRecord
-from bench.targets import open_target
-from bench.workload import WorkloadItem
-from engines.manifest import host_info, read_manifest
+from compactlm.bench.metrics import RequestRecord
+from compactlm.bench.targets import open_target
+from compactlm.bench.workload import WorkloadItem
+from compactlm.core.host import host_info
+from compactlm.engines.manifest import read_manifest
 
 
 def free_ports(n: int) -> list[int]:

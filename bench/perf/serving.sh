@@ -25,9 +25,9 @@ for _ in $(seq 300); do
 done
 for concurrency in 1 8 32; do
     common=(--isl 128 --osl 128 --concurrency "$concurrency" --requests 3x --warmup 2 --out "$OUT" --name smollm2)
-    "$BIN/compactlm" bench run "$ENGINE" "${common[@]}"
-    "$BIN/compactlm" bench run "triton://127.0.0.1:$GRPC/compactlm" --tokenizer "$ENGINE/tokenizer" "${common[@]}"
-    "$BIN/compactlm" bench run "http://127.0.0.1:$OPENAI" --tokenizer "$ENGINE/tokenizer" "${common[@]}"
+    "$BIN/compactlm" bench measure "$ENGINE" "${common[@]}"
+    "$BIN/compactlm" bench measure "triton://127.0.0.1:$GRPC/compactlm" --tokenizer "$ENGINE/tokenizer" "${common[@]}"
+    "$BIN/compactlm" bench measure "http://127.0.0.1:$OPENAI" --tokenizer "$ENGINE/tokenizer" "${common[@]}"
 done
 kill -TERM $server
 wait $server || true

@@ -5,8 +5,8 @@ student and ~2.7x for the depth-pruned one. Here: the `cpu` engine, ISL/OSL 128/
 random prompts, all requests at once, interleaved repeats, medians. FLOPs per generated token are counted
 analytically (matmuls incl. the LM head, plus attention over the average context of the workload).
 
-    python -m bench.perf.students_speed --teacher smollm2-135m --width runs/demo/width --depth runs/demo/depth \
-        --build runs/engines [--precision fp32] [--repeats 3]
+    python -m compactlm.bench.perf.students_speed --teacher smollm2-135m --width runs/demo/width \
+        --depth runs/demo/depth --build runs/engines [--precision fp32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from bench.perf.cpu_engine import ensure_engine, fresh_prompts, wrapper_run
-    from engines import Limits, load_engine
+    from compactlm.bench.perf.cpu_engine import ensure_engine, fresh_prompts, wrapper_run
+    from compactlm.engines import Limits, load_engine
 
     batches = [int(b) for b in args.batches.split(",")]
     limits = Limits(max_batch_size=max(batches), max_input_len=args.isl, max_seq_len=args.isl + args.osl)

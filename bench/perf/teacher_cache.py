@@ -5,7 +5,7 @@ distillation at the same steps, with a lower peak memory. Each run is its own pr
 distill`), so its peak RSS is its own; the cache is built first (`compactlm compress cache-logits`), and its
 cost is reported too: it is paid once per teacher and data, and reused by every student distilled from it.
 
-    python -m bench.perf.teacher_cache [--student runs/demo/width] [--steps 20] [--top-k 64]
+    python -m compactlm.bench.perf.teacher_cache [--student runs/demo/width] [--steps 20] [--top-k 64]
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from bench.targets.base import TRITON_MODEL, Done, Pending, Target, failed
-from bench.targets.engine import EngineTarget
-from bench.targets.streaming import OpenAITarget, TritonHttpTarget, iter_sse
-from bench.targets.triton_grpc import TritonGrpcTarget
+from compactlm.bench.targets.base import TRITON_MODEL, Done, Pending, Target, failed
+from compactlm.bench.targets.engine import EngineTarget
+from compactlm.bench.targets.streaming import OpenAITarget, TritonHttpTarget, iter_sse
+from compactlm.bench.targets.triton_grpc import TritonGrpcTarget
 
 __all__ = [
     "Done",
@@ -62,7 +62,7 @@ def open_target(
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
     if spec == "null":
-        from bench.fake import NullEngine
+        from compactlm.bench.fake import NullEngine
 
         return EngineTarget(NullEngine(), name=name or "null")
     scheme = urlsplit(spec).scheme
@@ -76,6 +76,6 @@ def open_target(
             return TritonHttpTarget(url, served, vocab_size=vocab_size, tokenizer=tok, name=name)
         url = f"{parts.hostname}:{parts.port or 8001}"
         return TritonGrpcTarget(url, served, vocab_size=vocab_size, tokenizer=tok, name=name)
-    from engines.runtime import load_engine
+    from compactlm.engines.registry import load_engine
 
     return EngineTarget(load_engine(spec), name=name)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 
-from bench.metrics import RequestRecord
-from bench.workload import WorkloadItem
+from compactlm.bench.metrics import RequestRecord
+from compactlm.bench.workload import WorkloadItem
 
-# The Triton protocol (engines/protocol.py, what `compactlm serve` speaks): tensor names, the served model's name.
-from engines.protocol import (  # noqa: F401 - re-exported for the targets
+# The Triton protocol (serve/protocol.py, what `compactlm serve` speaks): tensor names, the served model's name.
+from compactlm.serve.protocol import (  # noqa: F401 - re-exported for the targets
     TRITON_FINAL,
     TRITON_IGNORE_EOS,
     TRITON_INPUT_IDS,
@@ -45,7 +45,7 @@ class Target(ABC):
     kind: str = "target"
 
     limits = None
-    """engines.config.Limits when known (in-process engines): shapes beyond them are refused before a run."""
+    """compactlm.engines.config.Limits when known (in-process engines): shapes beyond them are refused before a run."""
     vocab_size: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 

@@ -1,13 +1,13 @@
-"""In-process engines, through the runtime interface (engines.runtime)."""
+"""In-process engines, through the runtime interface (compactlm.engines.runtime)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from bench.metrics import RequestRecord
-from bench.targets.base import Done, Pending, Target, failed
-from bench.workload import WorkloadItem
+from compactlm.bench.metrics import RequestRecord
+from compactlm.bench.targets.base import Done, Pending, Target, failed
+from compactlm.bench.workload import WorkloadItem
 
 
 class _EnginePending(Pending):
@@ -39,7 +39,7 @@ class EngineTarget(Target):
     kind = "engine"
 
     def __init__(self, engine, name: str | None = None, close_engine: bool = True):
-        from engines.runtime import Request
+        from compactlm.engines.runtime import Request
 
         self._request = Request
         self.engine = engine

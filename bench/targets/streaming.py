@@ -11,8 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import urlsplit
 
-from bench.metrics import RequestRecord
-from bench.targets.base import (
+from compactlm.bench.metrics import RequestRecord
+from compactlm.bench.targets.base import (
     TRITON_IGNORE_EOS,
     TRITON_INPUT_IDS,
     TRITON_MAX_TOKENS,
@@ -23,8 +23,8 @@ from bench.targets.base import (
     Target,
     failed,
 )
-from bench.workload import WorkloadItem
-from compress.errors import CompactLMError
+from compactlm.bench.workload import WorkloadItem
+from compactlm.core.errors import CompactLMError
 
 
 class _FuturePending(Pending):

@@ -6,8 +6,8 @@ import queue
 import threading
 import time
 
-from bench.metrics import RequestRecord
-from bench.targets.base import (
+from compactlm.bench.metrics import RequestRecord
+from compactlm.bench.targets.base import (
     TRITON_FINAL,
     TRITON_IGNORE_EOS,
     TRITON_INPUT_IDS,
@@ -19,8 +19,8 @@ from bench.targets.base import (
     Target,
     failed,
 )
-from bench.workload import WorkloadItem
-from compress.errors import CompactLMError
+from compactlm.bench.workload import WorkloadItem
+from compactlm.core.errors import CompactLMError
 
 
 class _GrpcSlot:

@@ -34,8 +34,8 @@ fi
 
 if [[ $what == chains || $what == all ]]; then
   # 3. one-shot 135M -> 61M vs the two-step chain 135M -> 86M -> 61M, 40,960 distillation tokens each in all
-  $C compress run docs/compress/chain-one-shot.yaml
-  $C compress run docs/compress/chain-two-step.yaml
+  $C compress chain docs/compress/chain-one-shot.yaml
+  $C compress chain docs/compress/chain-two-step.yaml
   cp runs/chain-one-shot/family.csv docs/compress/family-one-shot.csv
   cp runs/chain-two-step/family.csv docs/compress/family-two-step.csv
 fi

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.train import CrossEntropy, TrainConfig, TrainingData, train
-from tests.factory import random_tokens, tiny_model
+from compactlm.compress.train import CrossEntropy, TrainingData, train
+from compactlm.compress.train_config import TrainConfig
+from tests.helpers import random_tokens, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

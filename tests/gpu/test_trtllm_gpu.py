@@ -10,11 +10,11 @@ import shutil
 import pytest
 import torch
 
-from engines.build import build_engine
-from engines.config import BuildConfig, Limits
-from engines.runtime import Request, load_engine
-from tests.factory import tiny_model
-from tests.unit.helpers import english_docs, save_word_tokenizer, write_jsonl
+from compactlm.engines.build import build_engine
+from compactlm.engines.config import BuildConfig, Limits
+from compactlm.engines.registry import load_engine
+from compactlm.engines.runtime import Request
+from tests.helpers import english_docs, save_word_tokenizer, tiny_model, write_jsonl
 
 pytestmark = [
     pytest.mark.gpu,

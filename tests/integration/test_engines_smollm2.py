@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from compress.checkpoint import load_model, load_tokenizer
-from compress.data import load_sequences
-from compress.importance import ImportanceConfig, estimate_importance
-from compress.jobs import prune_checkpoint
-from compress.models import pull
-from compress.prune import PruneTarget
-from engines import BuildConfig, Limits, build_engine, load_engine
-from engines.openvino_export import is_ready
-from engines.quality import engine_perplexity
-from tests.factory import hf_greedy
+from compactlm.compress.checkpoint import load_model, load_tokenizer
+from compactlm.compress.data import load_sequences
+from compactlm.compress.importance import ImportanceConfig, estimate_importance
+from compactlm.compress.models import pull
+from compactlm.compress.operations import prune_checkpoint
+from compactlm.compress.prune import PruneTarget
+from compactlm.engines import BuildConfig, Limits, build_engine, load_engine
+from compactlm.engines.backends.openvino.export import is_ready
+from compactlm.engines.quality import engine_perplexity
+from tests.helpers import hf_greedy
 
 pytestmark = [
     pytest.mark.integration,

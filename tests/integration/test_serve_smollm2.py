@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from compress.models import pull
-from engines import BuildConfig, Limits, build_engine, load_engine
-from tests.serve_support import GrpcStream, free_ports, openai_stream, post, triton_inputs
+from compactlm.compress.models import pull
+from compactlm.engines import BuildConfig, Limits, build_engine, load_engine
+from tests.helpers import GrpcStream, free_ports, openai_stream, post, triton_inputs
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("pytriton", reason="serving needs nvidia-pytriton (a dependency: pip install -e .)")
@@ -29,7 +29,7 @@ def engine_dir(tmp_path_factory):
 def test_served_smollm2_gives_in_process_tokens_and_text(engine_dir):
     import tritonclient.grpc as grpcclient
 
-    from engines.serving import ServeConfig, Server
+    from compactlm.serve.server import ServeConfig, Server
 
     with load_engine(engine_dir) as engine:
         tokenizer = engine.tokenizer

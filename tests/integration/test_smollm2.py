@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.checkpoint import load_model, load_tokenizer
-from compress.data import load_sequences
-from compress.errors import CompactLMError
-from compress.evaluate import count_model_params, perplexity
-from compress.importance import ImportanceConfig, estimate_importance, random_scores
-from compress.jobs import prune_checkpoint
-from compress.models import pull
-from compress.prune import PruneTarget, plan, prune
+from compactlm.compress.checkpoint import load_model, load_tokenizer
+from compactlm.compress.data import load_sequences
+from compactlm.compress.evaluate import count_model_params, perplexity
+from compactlm.compress.importance import ImportanceConfig, estimate_importance, random_scores
+from compactlm.compress.models import pull
+from compactlm.compress.operations import prune_checkpoint
+from compactlm.compress.prune import PruneTarget, plan, prune
+from compactlm.core.errors import CompactLMError
 
 pytestmark = pytest.mark.integration
 
@@ -121,9 +121,8 @@ def test_depth_scores_rank_real_layers(scores):
 
 
 def test_a_few_distillation_steps_win_back_held_out_loss(teacher_path, teacher, scores, tokenizer, tmp_path):
-    from compress.distill import DistillConfig
-    from compress.retrain import distill_checkpoint
-    from compress.train import TrainConfig
+    from compactlm.compress.retrain import distill_checkpoint
+    from compactlm.compress.train_config import DistillConfig, TrainConfig
 
     student = prune_checkpoint(teacher, tmp_path / "depth", DEPTH, scores=scores)["path"]
     heldout = load_sequences("python-docs", tokenizer, num_sequences=4, seq_len=128, split="heldout")
@@ -132,8 +131,7 @@ def test_a_few_distillation_steps_win_back_held_out_loss(teacher_path, teacher, 
         teacher_path,
         student,
         tmp_path / "depth-kd",
-        seq_len=128,
-        train_cfg=TrainConfig(steps=4, batch_size=2, lr=3e-4, min_lr=3e-5),
+        train_cfg=TrainConfig(steps=4, seq_len=128, batch_size=2, lr=3e-4, min_lr=3e-5),
         distill_cfg=DistillConfig(loss="logit+hidden"),
         eval_samples=4,
     )

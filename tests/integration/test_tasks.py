@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from compress.checkpoint import load_model, load_tokenizer
-from compress.models import pull
-from compress.tasks import TASKS, load_task, multiple_choice_accuracy, parse_task, pull_tasks, task_file
+from compactlm.compress.checkpoint import load_model, load_tokenizer
+from compactlm.compress.models import pull
+from compactlm.compress.tasks import TASKS, load_task, multiple_choice_accuracy, parse_task, pull_tasks, task_file
 
 pytestmark = pytest.mark.integration
 

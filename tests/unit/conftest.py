@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The CPU engine's exporter venv (made once by `make setup`, ~1 min) lives in the real cache, not in the
 # throwaway COMPACTLM_HOME each test gets: pin its path before that is swapped.
-from engines.openvino_export import VENV_ENV, venv_dir  # noqa: E402
+from compactlm.engines.backends.openvino.export import VENV_ENV, venv_dir  # noqa: E402
 
 os.environ.setdefault(VENV_ENV, str(venv_dir()))
 
@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.factory import random_tokens, tiny_model  # noqa: E402
+from tests.helpers import random_tokens, tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -54,10 +54,10 @@ def tiny_dir(tmp_path) -> Path:
 def retrain_checkpoints(tiny_dir, tmp_path) -> dict[str, Path]:
     """A tiny teacher with a word-level tokenizer, its student pruned by compactlm (layer 1 dropped, so 3 of 4
     layers), and a JSONL corpus both can read: what the retraining jobs and commands take."""
-    from compress.checkpoint import load_model
-    from compress.jobs import prune_checkpoint
-    from compress.prune import PruneTarget
-    from tests.unit.helpers import english_docs, save_word_tokenizer, write_jsonl
+    from compactlm.compress.checkpoint import load_model
+    from compactlm.compress.operations import prune_checkpoint
+    from compactlm.compress.prune import PruneTarget
+    from tests.helpers import english_docs, save_word_tokenizer, write_jsonl
 
     texts = english_docs(80, words_per_doc=30)
     save_word_tokenizer(tiny_dir, texts)

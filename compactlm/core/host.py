@@ -1,0 +1,109 @@
+"""Where and with what compactlm runs: host, CPU/GPU, library versions, the checkout's commit. Engine manifests,
+benchmark rows and run records all take it from here."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+LIBRARIES = (
+    "compactlm",
+    "torch",
+    "transformers",
+    "openvino",
+    "openvino-genai",
+    "nvidia-modelopt",
+    "tensorrt-llm",
+    "tensorrt",
+)
+
+
+def package_version() -> str:
+    """compactlm's own version (`unknown` when it runs from a tree that was never installed)."""
+    try:
+        return metadata.version("compactlm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def library_versions() -> dict:
+    """The installed version of each library that shapes a result (missing ones left out)."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_model() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # a broken CUDA setup must not stop a CPU run
+        return None
+    return None
+
+
+def host_info() -> dict:
+    return {
+        "hostname": socket.gethostname(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu_model(),
+    }
+
+
+def git_commit(folder: Path | None = None) -> str | None:
+    """The commit of the compactlm checkout that runs, `+dirty` when it has local changes (None outside git)."""
+    folder = folder or Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+@functools.cache
+def environment() -> dict:
+    """Flat environment columns for result tables: host, CPU/GPU, library versions, git commit."""
+    host = host_info()
+    env = {
+        "host": host["hostname"],
+        "cpu": host["cpu"],
+        "cpu_count": host["cpu_count"],
+        "gpu": host["gpu"],
+        "os": host["os"],
+        "python": host["python"],
+        "git_commit": git_commit(),
+    }
+    env.update({f"version_{name.replace('-', '_')}": v for name, v in library_versions().items()})
+    return env

@@ -1,0 +1,383 @@
+"""The main job (`compactlm run RECIPE`): teacher -> teacher correction -> one importance pass -> students ->
+distillation (from cached teacher logits) -> evaluation -> engines -> throughput sweep -> report.
+
+Every stage is fingerprinted (compactlm.core.runs): killed, the job resumes where it stopped (training from its last
+checkpoint); re-run with nothing changed, it does no work twice; change one setting and only the stages that
+depend on it run again. The run folder holds every output, the stage records, and the resolved recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from compactlm.core.console import console
+from compactlm.core.errors import CompactLMError
+from compactlm.core.io import atomic_file, write_json
+from compactlm.core.runs import Run
+from compactlm.job.recipe import CORRECTED, TEACHER, JobRecipe, engine_models, model_names
+
+
+@dataclasses.dataclass
+class Paths:
+    """Where each output of a run lives (relative to the run folder)."""
+
+    out: Path
+
+    def model(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def pruned(self, name: str) -> Path:
+        return self.out / "models" / f"{name}-pruned"
+
+    @property
+    def scores(self) -> Path:
+        return self.out / "importance" / "scores.safetensors"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "teacher-cache"
+
+    def eval(self, name: str) -> Path:
+        return self.out / "eval" / f"{name}.json"
+
+    def engine(self, name: str, precision: str) -> Path:
+        return self.out / "engines" / f"{name}-{precision}"
+
+    def sweep(self, engine: str) -> Path:
+        return self.out / "sweep" / f"{engine}.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
+
+
+def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
+    """Stage name -> estimated seconds on a 2-core CPU (measured there; the job rescales them as it runs)."""
+    r, plan = recipe, {}
+    plan["pull"] = 0.0 if cached_teacher else 30.0
+    if r.correction.enabled:
+        plan["correct-teacher"] = 5e-3 * r.correction.tokens + 20
+    plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
+    for name in r.students:
+        plan[f"prune/{name}"] = 10.0
+    cached = r.distill.teacher_cache
+    if cached:
+        plan["teacher-cache"] = 1.2e-3 * r.distill.tokens + 10
+    for name in r.students:
+        plan[f"distill/{name}"] = (3e-3 if cached else 4.5e-3) * r.distill.tokens + 20
+    task_examples = len(r.evaluate.tasks) * (r.evaluate.task_limit or 300)
+    for name in model_names(r):
+        plan[f"eval/{name}"] = 1e-3 * r.evaluate.samples * r.evaluate.seq_len + 0.12 * task_examples + 10
+    points = len(r.sweep.shapes) * len(r.sweep.batch_sizes) * r.sweep.repeats
+    for name in engine_models(r):
+        for precision in r.engines.precisions:
+            plan[f"engine/{name}-{precision}"] = 25.0
+            plan[f"sweep/{name}-{precision}"] = 12.0 * points
+    return plan
+
+
+def check_recipe_against_teacher(recipe: JobRecipe, teacher: Path) -> pd.DataFrame:
+    """Every student's target checked against the teacher (before any work); the plan's shapes and sizes."""
+    from compactlm.compress.arch import count_params, shape_of
+    from compactlm.compress.checkpoint import inspect_checkpoint
+    from compactlm.compress.prune import plan
+
+    config = inspect_checkpoint(teacher).config
+    rows = [{"model": TEACHER, **shape_of(config).as_dict(), "params": count_params(shape_of(config))}]
+    for name, target in recipe.students.items():
+        try:
+            shape, _ = plan(config, target)
+        except CompactLMError as exc:
+            raise CompactLMError(f"student {name!r}: {exc}") from exc
+        rows.append({"model": name, **shape.as_dict(), "params": count_params(shape)})
+    frame = pd.DataFrame(rows)
+    frame["params_pct"] = 100 * frame["params"] / frame["params"].iloc[0]
+    limits = recipe.sweep.limits()
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and limits.max_seq_len > max_pos:
+        raise CompactLMError(f"sweep shapes need {limits.max_seq_len} tokens; the teacher takes {max_pos}")
+    return frame
+
+
+def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
+    """Run (or resume) the whole job; returns the report's index.html."""
+    from compactlm.compress.data import check_data
+    from compactlm.compress.models import is_cached
+
+    out = Path(out or recipe.default_out()).expanduser()
+    check_data(recipe.data, "train")
+    check_data(recipe.data, "heldout")
+    teacher_cached = is_cached(recipe.teacher) or Path(recipe.teacher).is_dir()
+    job = Run.claim(out, "job", recipe.name, estimates(recipe, teacher_cached))
+    paths = Paths(out)
+    for folder in ("models", "engines", "sweep", "eval", "importance"):
+        (out / folder).mkdir(exist_ok=True)
+    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(_plain(recipe), sort_keys=False))
+    console.print(
+        f"[bold]{recipe.name}[/] (budget {recipe.budget}) -> {out}: {len(job.plan)} stages, "
+        f"estimated {sum(job.plan.values()) / 60:.0f} min on a 2-core CPU"
+    )
+
+    teacher = _pull(job, recipe)
+    shapes = check_recipe_against_teacher(recipe, teacher)
+    from compactlm.compress.tables import results_table
+
+    names = {"num_layers": "layers", "hidden_size": "hidden", "ffn_hidden_size": "MLP", "num_attention_heads": "heads"}
+    names.update(num_query_groups="KV heads", params_pct="% of teacher")
+    shapes = shapes[["model", *names, "params"]].rename(columns=names)
+    console.print(results_table(shapes, title=f"{recipe.name}: the teacher and its students"))
+    source = _correct(job, recipe, paths, teacher)
+    _importance(job, recipe, paths, source)
+    for name, target in recipe.students.items():
+        _prune(job, recipe, paths, source, name, target)
+    if recipe.distill.teacher_cache:
+        _teacher_cache(job, recipe, paths, source)
+    for name in recipe.students:
+        _distill(job, recipe, paths, source, name)
+    checkpoints = {TEACHER: teacher, **({CORRECTED: source} if recipe.correction.enabled else {})}
+    checkpoints.update({name: paths.model(name) for name in recipe.students})
+    for name, path in checkpoints.items():
+        _evaluate(job, recipe, paths, name, path)
+    for name in engine_models(recipe):
+        for precision in recipe.engines.precisions:
+            _engine(job, recipe, paths, name, checkpoints[name], precision)
+            _sweep(job, recipe, paths, name, precision)
+
+    from compactlm.job.report import write_job_report
+
+    index = write_job_report(recipe, out, job, shapes)
+    console.print(f"[green]done[/] in {job.elapsed / 60:.1f} min: report [bold]{index}[/]")
+    return index
+
+
+def _plain(recipe: JobRecipe) -> dict:
+    data = dataclasses.asdict(recipe)
+    data["sweep"] = {k: v for k, v in data["sweep"].items() if k not in ("extra", "engines", "names")}
+    return yaml.safe_load(yaml.safe_dump(data, default_flow_style=None, sort_keys=False, allow_unicode=True))
+
+
+def _pull(job: Run, recipe: JobRecipe) -> Path:
+    from compactlm.compress.checkpoint import checkpoint_sha256
+    from compactlm.compress.models import resolve
+
+    def run(resume: bool) -> dict:
+        path = resolve(recipe.teacher)
+        return {"path": str(path), "sha256": checkpoint_sha256(path)}
+
+    record = job.stage("pull", {"teacher": recipe.teacher}, [], run, lambda o: Path(o["path"]).is_dir())
+    return Path(record.outputs["path"])
+
+
+def _interrupted(exc: Exception) -> CompactLMError:
+    return CompactLMError(
+        f"{str(exc).split(': checkpoint', 1)[0]}; re-run the same command to continue where it stopped"
+    )
+
+
+def _correct(job: Run, recipe: JobRecipe, paths: Paths, teacher: Path) -> Path:
+    if not recipe.correction.enabled:
+        return teacher
+    from compactlm.compress.retrain import correct_teacher
+    from compactlm.compress.train import TrainingInterrupted
+    from compactlm.compress.train_config import TrainConfig
+
+    out = paths.model(CORRECTED)
+    cfg = recipe.correction
+
+    def run(resume: bool) -> dict:
+        try:
+            record = correct_teacher(
+                teacher,
+                out,
+                data=recipe.data,
+                train_cfg=TrainConfig.of(cfg),
+                resume=resume,
+                overwrite=True,
+                eval_samples=0,
+            )
+        except TrainingInterrupted as exc:
+            raise _interrupted(exc) from exc
+        return {"path": str(out), "tokens": record["tokens"], "final_train_loss": record["final_train_loss"]}
+
+    config = {**dataclasses.asdict(cfg), "data": recipe.data}
+    job.stage("correct-teacher", config, ["pull"], run, _is_dir, f"{cfg.tokens:,} tokens of CE")
+    return out
+
+
+def _is_dir(outputs: dict) -> bool:
+    return Path(outputs["path"]).is_dir()
+
+
+def _importance(job: Run, recipe: JobRecipe, paths: Paths, source: Path) -> None:
+    from compactlm.compress.checkpoint import inspect_checkpoint, load_model
+    from compactlm.compress.importance import ImportanceConfig
+    from compactlm.compress.operations import run_importance
+
+    layers = inspect_checkpoint(source).config.num_hidden_layers
+    # removal losses only for the block sizes the depth students drop (each candidate block costs a forward)
+    drops = sorted({layers - t.num_layers for t in recipe.students.values() if t.num_layers})
+
+    def run(resume: bool) -> dict:
+        scores = run_importance(
+            load_model(source),
+            recipe.data,
+            recipe.importance.samples,
+            recipe.importance.seq_len,
+            ImportanceConfig(block_sizes=tuple(drops or (1,)), removal_loss=bool(drops)),
+        )
+        scores.save(paths.scores)  # atomically
+        return {"path": str(paths.scores)}
+
+    config = {**dataclasses.asdict(recipe.importance), "data": recipe.data, "block_sizes": drops}
+    deps = ["correct-teacher" if recipe.correction.enabled else "pull"]
+    job.stage("importance", config, deps, run, lambda o: Path(o["path"]).is_file(), "forward passes only")
+
+
+def _prune(job: Run, recipe: JobRecipe, paths: Paths, source: Path, name: str, target) -> None:
+    from compactlm.compress.importance import ImportanceScores
+    from compactlm.compress.operations import prune_checkpoint
+
+    out = paths.pruned(name)
+
+    def run(resume: bool) -> dict:
+        result = prune_checkpoint(source, out, target, scores=ImportanceScores.load(paths.scores), overwrite=True)
+        return {"path": str(result["path"]), "params": result["record"].get("params", {})}
+
+    config = {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
+    job.stage(f"prune/{name}", config, ["importance"], run, _is_dir, _describe_target(config))
+
+
+def _describe_target(target: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in target.items() if k != "depth_metric")
+
+
+def _teacher_cache(job: Run, recipe: JobRecipe, paths: Paths, source: Path) -> None:
+    from compactlm.compress.retrain import cache_logits
+    from compactlm.compress.train_config import CACHE_FIELDS
+
+    cfg = recipe.distill
+
+    def run(resume: bool) -> dict:
+        path = cache_logits(
+            source,
+            paths.cache,
+            data=recipe.data,
+            train_cfg=cfg.train,
+            top_k=cfg.top_k,
+            overwrite=True,
+        )
+        return {"path": str(path)}
+
+    config = {k: getattr(cfg, k) for k in CACHE_FIELDS}  # what decides the rows the students will read
+    config.update(top_k=cfg.top_k, data=recipe.data)
+    deps = ["correct-teacher" if recipe.correction.enabled else "pull"]
+    job.stage("teacher-cache", config, deps, run, _is_dir, f"top-{cfg.top_k} logits of {cfg.tokens:,} tokens")
+
+
+def _distill(job: Run, recipe: JobRecipe, paths: Paths, source: Path, name: str) -> None:
+    from compactlm.compress.retrain import distill_checkpoint
+    from compactlm.compress.train import TrainingInterrupted
+
+    cfg = recipe.distill
+    out = paths.model(name)
+
+    def run(resume: bool) -> dict:
+        try:
+            record = distill_checkpoint(
+                source,
+                paths.pruned(name),
+                out,
+                data=recipe.data,
+                train_cfg=cfg.train,
+                distill_cfg=cfg.objective,
+                teacher_cache=paths.cache if cfg.teacher_cache else None,
+                resume=resume,
+                overwrite=True,
+                eval_samples=0,
+            )
+        except TrainingInterrupted as exc:
+            raise _interrupted(exc) from exc
+        keys = ("loss", "tokens", "steps", "seconds", "final_train_loss", "peak_memory_mb")
+        return {"path": str(out), **{k: record[k] for k in keys}}
+
+    config = {**dataclasses.asdict(cfg), "data": recipe.data}
+    deps = [f"prune/{name}", *(["teacher-cache"] if cfg.teacher_cache else [])]
+    how = f"{cfg.tokens:,} tokens, {cfg.loss} loss" + (", cached teacher logits" if cfg.teacher_cache else "")
+    job.stage(f"distill/{name}", config, deps, run, _is_dir, how)
+
+
+def _checkpoint_stage(recipe: JobRecipe, name: str) -> str:
+    if name == TEACHER:
+        return "pull"
+    if name == CORRECTED:
+        return "correct-teacher"
+    return f"distill/{name}"
+
+
+def _evaluate(job: Run, recipe: JobRecipe, paths: Paths, name: str, path: Path) -> None:
+    from compactlm.compress.operations import evaluate_models
+
+    cfg = recipe.evaluate
+    out = paths.eval(name)
+
+    def run(resume: bool) -> dict:
+        frame = evaluate_models(
+            [path],
+            recipe.data,
+            cfg.samples,
+            cfg.seq_len,
+            names=[name],
+            tasks=list(cfg.tasks),
+            task_limit=cfg.task_limit,
+        )
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in frame.iloc[0].items()}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, row)
+        return {"path": str(out), **{k: v for k, v in row.items() if k in ("perplexity", "params")}}
+
+    config = {**dataclasses.asdict(cfg), "data": recipe.data}
+    job.stage(f"eval/{name}", config, [_checkpoint_stage(recipe, name)], run, lambda o: Path(o["path"]).is_file())
+
+
+def _engine(job: Run, recipe: JobRecipe, paths: Paths, name: str, checkpoint: Path, precision: str) -> None:
+    from compactlm.engines.build import build_engine
+    from compactlm.engines.config import BuildConfig
+
+    out = paths.engine(name, precision)
+    limits = recipe.sweep.limits()
+
+    def run(resume: bool) -> dict:
+        config = BuildConfig(backend=recipe.engines.backend, precision=precision, limits=limits)
+        build_engine(checkpoint, out, config, overwrite=True)
+        return {"path": str(out)}
+
+    config = {"backend": recipe.engines.backend, "precision": precision, "limits": dataclasses.asdict(limits)}
+    deps = [_checkpoint_stage(recipe, name)]
+    job.stage(f"engine/{name}-{precision}", config, deps, run, _is_dir, f"{recipe.engines.backend} {precision}")
+
+
+def _sweep(job: Run, recipe: JobRecipe, paths: Paths, name: str, precision: str) -> None:
+    from compactlm.bench.metrics import Slo
+    from compactlm.bench.runner import run_benchmark, sweep_plan
+    from compactlm.bench.targets import open_target
+
+    engine = f"{name}-{precision}"
+    out = paths.sweep(engine)
+    sweep = recipe.sweep
+
+    def run(resume: bool) -> dict:
+        with open_target(str(paths.engine(name, precision)), name) as target:
+            frame = run_benchmark(target, sweep_plan(sweep), None, Slo(**sweep.slo), timeout=sweep.request_timeout)
+        frame["job"] = recipe.name
+        frame["budget"] = recipe.budget
+        with atomic_file(out) as tmp:
+            frame.to_parquet(tmp, index=False)
+        return {"path": str(out), "points": len(frame)}
+
+    config = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in ("extra", "engines", "names", "out")}
+    n = len(sweep_plan(sweep))
+    job.stage(f"sweep/{engine}", config, [f"engine/{engine}"], run, lambda o: Path(o["path"]).is_file(), f"{n} points")

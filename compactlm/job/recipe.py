@@ -1,0 +1,244 @@
+"""The job recipe: one YAML file naming every stage's settings (see recipes/smollm2-minitron.yaml).
+
+Sections are dataclasses (below) built on the configs the stages use: `correction:` is a TrainConfig, `distill:`
+a DistillRun (TrainConfig + DistillConfig), `students:` PruneTargets, `sweep:` bench's Sweep. A recipe may define
+named `budgets`: mappings laid over the base recipe key by key (`--budget full`); `--set a.b=v` lays single values
+over that. It is read by compactlm.core.config: an unknown key or an ill-typed value is an error naming the key
+and its line, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compactlm.bench.sweep import Sweep
+from compactlm.compress.prune import PruneTarget
+from compactlm.compress.train_config import DistillRun, TrainConfig
+from compactlm.core.config import Located, build, default, load_yaml, overlay, part, set_values
+from compactlm.core.errors import CompactLMError
+
+BASE_BUDGET = "small"
+NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+TEACHER = "teacher"
+CORRECTED = "teacher-corrected"
+RESERVED = (TEACHER, CORRECTED)
+"""The names of the teacher as shipped and corrected: no student may take them."""
+
+
+@dataclass(frozen=True)
+class Correction(TrainConfig):
+    """Teacher correction (Minitron step 1): CE fine-tuning of the teacher on the distillation data. Its keys are
+    TrainConfig's; `tokens: 0` skips it (the teacher is used as shipped)."""
+
+    tokens: int | None = default(TrainConfig, "tokens", 16384)
+    save_every: int = default(TrainConfig, "save_every", 10)
+
+    def __post_init__(self):
+        if self.tokens != 0:
+            super().__post_init__()
+            self.require_length()
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens != 0
+
+
+@dataclass(frozen=True)
+class Importance:
+    """The one importance pass (forward passes only) that every student is pruned from."""
+
+    samples: int = 64
+    seq_len: int = 256
+
+    def __post_init__(self):
+        _positive(self, "samples", "seq_len")
+
+
+@dataclass(frozen=True)
+class Distill(DistillRun):
+    """Retraining every student by distillation from the (corrected) teacher, with the same budget. Its keys are
+    TrainConfig's and DistillConfig's, and the teacher cache's."""
+
+    tokens: int | None = default(TrainConfig, "tokens", 24576)
+    save_every: int = default(TrainConfig, "save_every", 10)
+    teacher_cache: bool = True
+    """Cache the teacher's top-k logits once for every student (logit loss only): no teacher in training memory."""
+    top_k: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.require_length()
+        if self.top_k < 1:
+            raise CompactLMError(f"distill.top_k must be >= 1, not {self.top_k}", key="top_k")
+        if self.teacher_cache and self.loss != "logit":
+            raise CompactLMError(
+                f"distill.teacher_cache serves the logit loss only (distill.loss is {self.loss!r}): "
+                "set teacher_cache: false to distill from the live teacher",
+                key="teacher_cache",
+            )
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Held-out perplexity and multiple-choice task accuracy, every model on the same examples."""
+
+    samples: int = 16
+    seq_len: int = 512
+    tasks: tuple[str, ...] = ("general_knowledge", "social_iqa")
+    task_limit: int | None = 100
+
+    def __post_init__(self):
+        _positive(self, "samples", "seq_len")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise CompactLMError("evaluate.task_limit must be >= 1 (or null: every example)", key="task_limit")
+        from compactlm.compress.tasks import resolve_task_names
+
+        try:
+            resolve_task_names(list(self.tasks))
+        except CompactLMError as exc:
+            raise CompactLMError(str(exc), key="tasks") from exc
+
+
+@dataclass(frozen=True)
+class Engines:
+    """The engines built for the teacher and every student."""
+
+    backend: str = "cpu"
+    precisions: tuple[str, ...] = ("bf16", "int8")
+
+    def __post_init__(self):
+        if not self.precisions:
+            raise CompactLMError("engines.precisions is empty: give at least one precision", key="precisions")
+        from compactlm.engines.registry import get_backend
+
+        try:
+            backend = get_backend(self.backend)
+        except CompactLMError as exc:
+            raise CompactLMError(str(exc), key="backend") from exc
+        for precision in self.precisions:
+            if precision not in backend.precisions:
+                raise CompactLMError(
+                    f"engines.precisions: the {self.backend} backend has no precision {precision!r}; "
+                    f"it has {', '.join(backend.precisions)}",
+                    key="precisions",
+                )
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where the report's headline table reads throughput: one shape and one batch size of the sweep."""
+
+    shape: tuple[int, int] | None = None
+    """[ISL, OSL]; default the sweep's first shape."""
+    batch_size: int | None = None
+    """Default: the sweep's largest batch size."""
+
+
+@dataclass(frozen=True)
+class JobRecipe:
+    name: str
+    teacher: str = "smollm2-135m"
+    data: str = "python-docs"
+    out: str | None = None
+    """The run folder; default runs/<name>-<budget>."""
+    correction: Correction = field(default_factory=Correction)
+    importance: Importance = field(default_factory=Importance)
+    students: dict[str, PruneTarget] = field(default_factory=dict)
+    distill: Distill = field(default_factory=Distill)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    engines: Engines = field(default_factory=Engines)
+    sweep: Sweep = field(default_factory=Sweep)
+    report: Report = field(default_factory=Report)
+    budget: str = field(default=BASE_BUDGET, metadata={"config": False})
+    source: str = field(default="", metadata={"config": False})
+    """The recipe file, for the record."""
+    overrides: tuple[str, ...] = field(default=(), metadata={"config": False})
+    """The --set values laid over it."""
+
+    def __post_init__(self):
+        if not NAME.match(self.name):
+            raise CompactLMError(f"recipe name {self.name!r}: use lowercase letters, digits, '-' and '_'", key="name")
+        if not self.students:
+            raise CompactLMError("the recipe names no students: give at least one under `students:`", key="students")
+        for name in self.students:
+            if not NAME.match(name) or name in RESERVED:
+                raise CompactLMError(
+                    f"student name {name!r}: use lowercase letters, digits, '-' and '_' "
+                    f"(and not {' or '.join(RESERVED)})",
+                    key=f"students.{name}",
+                )
+        if self.sweep.engines:
+            raise CompactLMError(
+                "sweep.engines: the job benchmarks the engines it builds; leave `engines` out", key="sweep.engines"
+            )
+        if self.report.shape is not None and tuple(self.report.shape) not in {tuple(s) for s in self.sweep.shapes}:
+            raise CompactLMError(
+                f"report.shape {list(self.report.shape)} is not one of sweep.shapes", key="report.shape"
+            )
+        if self.report.batch_size is not None and self.report.batch_size not in self.sweep.batch_sizes:
+            raise CompactLMError(
+                f"report.batch_size {self.report.batch_size} is not one of sweep.batch_sizes", key="report.batch_size"
+            )
+
+    @property
+    def headline(self) -> tuple[int, int, int]:
+        """(ISL, OSL, batch size) of the report's headline throughput, in the sweep's scaled lengths."""
+        shape = self.report.shape or self.sweep.shapes[0]
+        isl, osl = (max(1, v // self.sweep.scale) for v in shape)
+        return isl, osl, self.report.batch_size or max(self.sweep.batch_sizes)
+
+    def default_out(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.name}-{self.budget}"
+
+
+def model_names(recipe: JobRecipe) -> list[str]:
+    """Every model evaluated: the teacher as shipped, the corrected teacher, the students."""
+    return [TEACHER, *([CORRECTED] if recipe.correction.enabled else []), *recipe.students]
+
+
+def engine_models(recipe: JobRecipe) -> list[str]:
+    """Every model compiled and benchmarked: the teacher the students came from, and the students."""
+    return [CORRECTED if recipe.correction.enabled else TEACHER, *recipe.students]
+
+
+def load_job_recipe(path: str | Path, budget: str = BASE_BUDGET, overrides: list[str] | None = None) -> JobRecipe:
+    """Read, lay `budget` and `--set` overrides over, check and build the recipe."""
+    path = Path(path).expanduser()
+    located = load_yaml(path, "recipe")
+    budgets = located.data.get("budgets") or {}
+    if not isinstance(budgets, dict):
+        raise CompactLMError(f"{located.at('budgets')}: budgets must map a budget name to settings")
+    base = Located({k: v for k, v in located.data.items() if k != "budgets"}, located.where, located.origin)
+    if budget != BASE_BUDGET:
+        if budget not in budgets:
+            known = ", ".join([BASE_BUDGET, *budgets])
+            raise CompactLMError(f"recipe {path} has no budget {budget!r}; it has: {known}")
+        base = overlay(base, part(located, f"budgets.{budget}"))
+    if overrides:
+        base = overlay(base, set_values(overrides))
+    recipe = build(JobRecipe, base, what="the recipe")
+    return dataclasses.replace(recipe, budget=budget, source=str(path), overrides=tuple(overrides or ()))
+
+
+def command_line(recipe: JobRecipe, out: Path | None = None) -> str:
+    """The `compactlm run` command that runs this recipe."""
+    import shlex
+
+    args = ["compactlm", "run", recipe.source]
+    if recipe.budget != BASE_BUDGET:
+        args += ["--budget", recipe.budget]
+    for item in recipe.overrides:
+        args += ["--set", item]
+    if out is not None:
+        args += ["--out", str(out)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _positive(obj, *names: str) -> None:
+    section = type(obj).__name__.lower()
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise CompactLMError(f"{section}.{name} must be >= 1, not {getattr(obj, name)}", key=name)

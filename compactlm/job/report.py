@@ -1,0 +1,206 @@
+"""The job's report: `report/index.html` and `report/report.md` in the run folder.
+
+Accuracy beside throughput (one headline row per model), the training runs with their loss curves, the
+benchmark's own figures and tables (compactlm.bench.report), the stages with their times, and links to every stored
+result a number comes from: checkpoint records, evaluation rows, engine manifests, sweep results, stage records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from compactlm.bench.report import benchmark_blocks, point_table, write_documents
+from compactlm.compress.checkpoint import read_record
+from compactlm.core.console import console
+from compactlm.core.runs import Run
+from compactlm.job.recipe import JobRecipe, command_line, engine_models
+
+
+def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(sweep rows of every engine, evaluation rows of every model) stored in a run folder."""
+    sweeps = sorted((out / "sweep").glob("*.parquet"))
+    frame = pd.concat([pd.read_parquet(p) for p in sweeps], ignore_index=True) if sweeps else pd.DataFrame()
+    rows = [json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))]
+    return frame, pd.DataFrame(rows)
+
+
+def headline_table(recipe: JobRecipe, frame: pd.DataFrame, evals: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """One row per model: size, perplexity, task accuracy, and request throughput at the headline point for each
+    precision with the speedup over the teacher's engine of the same precision."""
+    isl, osl, batch = recipe.headline
+    points = point_table(frame) if not frame.empty else pd.DataFrame()
+    if not points.empty:
+        points = points[(points["isl"] == isl) & (points["osl"] == osl) & (points["batch_size"] == batch)]
+    teacher_params = evals.set_index("model")["params"].get("teacher", math.nan) if not evals.empty else math.nan
+    base = order[0] if order else None
+    rows = []
+    for model in [m for m in ["teacher", *order] if m in set(evals.get("model", []))]:
+        ev = evals.set_index("model").loc[model]
+        row = {"model": model, "params (M)": ev["params"] / 1e6, "% of teacher": 100 * ev["params"] / teacher_params}
+        row["perplexity"] = ev["perplexity"]
+        row.update({c: ev[c] for c in evals.columns if c.startswith("acc_")})
+        for precision in recipe.engines.precisions:
+            here = _throughput(points, model, precision)
+            teacher = _throughput(points, base, precision)
+            row[f"req/s {precision}"] = here
+            row[f"x teacher {precision}"] = f"{here / teacher:.2f}x" if teacher and not math.isnan(here) else ""
+        rows.append(row)
+    tasks = [c[4:] for c in evals.columns if c.startswith("acc_") and f"chance_{c[4:]}" in evals]
+    if rows and tasks:  # the expected accuracy of a random pick
+        rows.append({"model": "(chance)", **{f"acc_{t}": evals[f"chance_{t}"].iloc[0] for t in tasks}})
+    return pd.DataFrame(rows)
+
+
+def _throughput(points: pd.DataFrame, model: str | None, precision: str) -> float:
+    if points.empty or model is None:
+        return math.nan
+    hit = points[points["label"] == f"{model} {precision}"]  # compactlm.bench.report's label: model, then precision
+    return float(hit["request_throughput"].iloc[0]) if len(hit) else math.nan
+
+
+def training_table(out: Path, models: list[str]) -> pd.DataFrame:
+    """The training runs (teacher correction, each distillation) from the checkpoints' own records."""
+    rows = []
+    for model in models:
+        record = read_record(out / "models" / model)
+        if not record:
+            continue
+        op = record["history"][-1]
+        rows.append(
+            {
+                "model": model,
+                "op": op.get("op"),
+                "loss": op.get("loss", "ce"),
+                "tokens": op.get("tokens"),
+                "steps": op.get("steps"),
+                "minutes": (op.get("seconds") or math.nan) / 60,
+                "final train loss": op.get("final_train_loss"),
+                "peak memory (GB)": (op.get("peak_memory_mb") or math.nan) / 1024,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_training(out: Path, models: list[str], path: Path) -> Path | None:
+    """Training loss against tokens for each run (the records keep the loss history)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for model in models:
+        record = read_record(out / "models" / model)
+        history = record["history"][-1].get("history") if record else None
+        if history:
+            curves.append((model, record["history"][-1], history))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for model, op, history in curves:
+        xs = [h["tokens"] for h in history]  # tokens seen so far, after each logged step
+        ax.plot(
+            xs,
+            [h["loss"] for h in history],
+            marker="." if len(xs) < 30 else None,
+            label=f"{model} ({op.get('loss', 'ce')})",
+        )
+    ax.set(xlabel="training tokens", ylabel="training loss", title="teacher correction and distillation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def stages_table(job: Run) -> pd.DataFrame:
+    rows = [
+        {"stage": name, "seconds": record.seconds, "this run": "reused" if record.reused else "ran"}
+        for name, record in job.records.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def _links(out: Path, report: Path, models: list[str], engines: list[str]) -> list[tuple[str, str]]:
+    def rel(path: Path) -> str:
+        return Path("..", path.relative_to(out)).as_posix() if path.exists() else ""
+
+    links = [("the recipe as run (budget and overrides applied)", rel(out / "recipe.resolved.yaml"))]
+    for model in models:
+        links.append((f"{model}: checkpoint record (compactlm.json)", rel(out / "models" / model / "compactlm.json")))
+        links.append((f"{model}: evaluation row", rel(out / "eval" / f"{model}.json")))
+    for engine in engines:
+        links.append((f"{engine}: engine manifest", rel(out / "engines" / engine / "engine.json")))
+        links.append((f"{engine}: sweep results", rel(out / "sweep" / f"{engine}.parquet")))
+    links.append(("all sweep rows in one table", "results.parquet"))
+    links.append(("all evaluation rows", "eval.csv"))
+    links.append(("stage records (config, fingerprint, outputs, time)", rel(out / "stages")))
+    return [(text, href) for text, href in links if href]
+
+
+def write_job_report(recipe: JobRecipe, out: Path, job: Run, shapes: pd.DataFrame) -> Path:
+
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    frame, evals = load_results(out)
+    order = engine_models(recipe)
+    engines = [f"{m}-{p}" for m in order for p in recipe.engines.precisions]
+    if not frame.empty:
+        frame.to_parquet(report / "results.parquet", index=False)
+    evals.to_csv(report / "eval.csv", index=False)
+    isl, osl, batch = recipe.headline
+    headline = headline_table(recipe, frame, evals, order)
+
+    blocks: list[tuple[str, object]] = [("h1", f"{recipe.name}: Minitron on {recipe.teacher} (budget {recipe.budget})")]
+    blocks.append(("code", command_line(recipe, None if out == recipe.default_out() else out)))
+    blocks.append(("p", _summary(recipe, job)))
+    blocks += [("h2", "Accuracy beside throughput"), ("table", headline)]
+    blocks.append(
+        (
+            "p",
+            f"Perplexity: {recipe.evaluate.samples} x {recipe.evaluate.seq_len} held-out tokens of {recipe.data}; "
+            f"accuracy: zero-shot multiple choice on BIG-bench tasks ({recipe.evaluate.task_limit or 'all'} examples "
+            f"each at most). Throughput: requests/s at ISL/OSL {isl}/{osl}, {batch} concurrent requests, on the "
+            f"{recipe.engines.backend} engine of each precision; 'x teacher' divides by the teacher's engine of the "
+            "same precision. 'teacher' is the model as shipped, 'teacher-corrected' the one the students learned from.",
+        )
+    )
+    trained = [m for m in order if (out / "models" / m / "compactlm.json").is_file()]
+    training = training_table(out, trained)
+    if not training.empty:
+        blocks += [("h2", "Training"), ("img", plot_training(out, trained, report / "figures" / "training.png"))]
+        blocks.append(("table", training))
+    if not frame.empty:
+        blocks += benchmark_blocks(
+            frame,
+            report / "figures",
+            baseline=f"{order[0]} {recipe.engines.precisions[0]}",
+            evals=evals if not evals.empty else None,
+        )
+    models = shapes.assign(params=shapes["params"] / 1e6).rename(columns={"params": "params (M)"})
+    blocks += [("h2", "Models"), ("table", models)]
+    blocks += [("h2", "Stages"), ("table", stages_table(job))]
+    blocks += [("h2", "Where every number comes from"), ("links", _links(out, report, ["teacher", *order], engines))]
+    md, index = write_documents(blocks, report, markdown="report.md", page="index.html")
+    console.print(f"report: {index} and {md}")
+    return index
+
+
+def _summary(recipe: JobRecipe, job: Run) -> str:
+    ran = sum(r.seconds for r in job.records.values() if not r.reused)
+    parts = [f"{recipe.teacher}"]
+    if recipe.correction.tokens:
+        parts.append(f"teacher correction ({recipe.correction.tokens:,} tokens of CE on {recipe.data})")
+    parts.append(f"one importance pass ({recipe.importance.samples} x {recipe.importance.seq_len} tokens)")
+    parts.append(f"{len(recipe.students)} students ({', '.join(recipe.students)})")
+    how = "cached top-k teacher logits" if recipe.distill.teacher_cache else "the live teacher"
+    parts.append(f"distillation ({recipe.distill.tokens:,} tokens each, {recipe.distill.loss} loss, from {how})")
+    parts.append(f"{recipe.engines.backend} engines ({', '.join(recipe.engines.precisions)})")
+    parts.append(f"a sweep of {len(recipe.sweep.shapes)} shape(s) x batch sizes {list(recipe.sweep.batch_sizes)}")
+    return " -> ".join(parts) + f". Work done in this run: {ran / 60:.1f} min."

@@ -1,0 +1,158 @@
+"""File-level jobs behind the CLI and the pipeline: checkpoint (and data) in, scores or checkpoint out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from compactlm.compress.checkpoint import load_model, load_tokenizer, read_record, save_checkpoint
+from compactlm.compress.data import describe, load_sequences
+from compactlm.compress.evaluate import count_model_params, perplexity
+from compactlm.compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
+from compactlm.compress.prune import PruneTarget, needs_scores, prune
+from compactlm.compress.tasks import load_task, multiple_choice_accuracy
+from compactlm.core.console import stage_progress
+from compactlm.core.errors import CompactLMError
+
+
+def calibration_data(model_path, data, samples: int, seq_len: int, split: str = "train") -> torch.Tensor:
+    return load_sequences(data, load_tokenizer(model_path), num_sequences=samples, seq_len=seq_len, split=split)
+
+
+def run_importance(
+    model_or_path, data, samples: int, seq_len: int, config: ImportanceConfig | None = None
+) -> ImportanceScores:
+    """Load (if needed) the model and its calibration data from the train split, and estimate importance."""
+    model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    path = Path(model.compactlm_path)
+    sequences = calibration_data(path, data, samples, seq_len)
+    meta = {"model": str(path), "data": describe(data), "split": "train"}
+    with stage_progress() as update:
+        return estimate_importance(model, sequences, config, meta=meta, progress=update)
+
+
+def prune_checkpoint(
+    model_or_path,
+    out,
+    target: PruneTarget,
+    *,
+    scores: ImportanceScores | None = None,
+    scores_path: str | os.PathLike | None = None,
+    random_seed: int | None = None,
+    data="python-docs",
+    samples: int = 128,
+    seq_len: int = 256,
+    importance: ImportanceConfig | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Prune a checkpoint to `target` and save it with its record; returns {'path', 'record', 'model'}.
+
+    Scores come from `scores`, a scores file, random (`random_seed`, the baseline), or are computed now on
+    `data` (with the removal-loss block size the depth target needs).
+    """
+    model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    source = Path(model.compactlm_path)
+    num_layers = model.config.num_hidden_layers
+    drop = num_layers - target.num_layers if target.num_layers else 0
+    if scores is None and scores_path is not None:
+        scores = ImportanceScores.load(scores_path)
+    if scores is None and not needs_scores(model.config, target):
+        scores = random_scores(model.config)  # every unit is kept or named explicitly: scores choose nothing
+        scores.meta = {"not_needed": "widths unchanged and layers named explicitly"}
+    if scores is None and random_seed is not None:
+        scores = random_scores(model.config, seed=random_seed, block_sizes=(1, drop) if drop else (1,))
+    if scores is None:
+        cfg = importance or ImportanceConfig()
+        needs_loss = drop > 0 and target.depth_metric != "block-influence"
+        cfg = ImportanceConfig(
+            seq_agg=cfg.seq_agg,
+            batch_agg=cfg.batch_agg,
+            batch_size=cfg.batch_size,
+            depth_samples=cfg.depth_samples,
+            block_sizes=tuple({1, drop} - {0}) if drop else (1,),
+            removal_loss=needs_loss,
+        )
+        scores = run_importance(model, data, samples, seq_len, cfg)
+    student, record, kept = prune(model, scores, target)
+
+    parent_record = read_record(source)
+    kept_file = f"compactlm.kept.{len(parent_record['history']) if parent_record else 0}.safetensors"
+
+    def write_indices(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(kept.tensors(), folder / kept_file)
+
+    record["kept_indices"] = kept_file
+    if random_seed is not None:
+        record["importance"] = {"random": True, "seed": random_seed}
+    path = save_checkpoint(
+        student,
+        out,
+        source=source,
+        operation=record,
+        extra_files={"kept": write_indices},
+        overwrite=overwrite,
+    )
+    student.compactlm_path = str(path)
+    return {"path": path, "record": record, "model": student}
+
+
+def evaluate_models(
+    paths,
+    data,
+    samples: int,
+    seq_len: int,
+    batch_size: int = 4,
+    names=None,
+    tasks: list[str] | None = None,
+    task_limit: int | None = None,
+    task_batch_size: int = 16,
+) -> pd.DataFrame:
+    """Held-out loss/perplexity of several checkpoints on the same held-out sequences (one row each).
+
+    With `tasks` (see compactlm.compress.tasks), each row also gets `acc_<task>`: multiple-choice accuracy on the same
+    `task_limit` examples of each task for every model, with `chance_<task>` and `n_<task>` (examples).
+    """
+    examples = {task: load_task(task, task_limit) for task in tasks or []}  # pulls the tasks before any model
+    rows = []
+    sequences, vocab = None, None
+    with stage_progress() as update:
+        for i, path in enumerate(paths):
+            model = load_model(path)
+            if sequences is None:
+                sequences = calibration_data(path, data, samples, seq_len, split="heldout")
+                vocab = model.config.vocab_size
+            elif model.config.vocab_size != vocab:
+                raise CompactLMError(f"{path} has another vocabulary than {paths[0]}: perplexities would not compare")
+            result = perplexity(model, sequences, batch_size)
+            rows.append(
+                {
+                    "model": (names or paths)[i],
+                    "path": str(path),
+                    "params": count_model_params(model),
+                    "heldout_loss": result.loss,
+                    "perplexity": result.perplexity,
+                    "tokens": result.tokens,
+                    "data": str(data),
+                }
+            )
+            tokenizer = load_tokenizer(path) if examples else None
+            results = {
+                task: multiple_choice_accuracy(
+                    model,
+                    tokenizer,
+                    task_examples,
+                    task_batch_size,
+                    progress=lambda done, total, stage=f"{(names or paths)[i]}: {task}": update(stage, done, total),
+                )
+                for task, task_examples in examples.items()
+            }
+            for column, field in (("acc", "accuracy"), ("chance", "chance"), ("n", "examples")):
+                rows[-1].update({f"{column}_{task}": getattr(result, field) for task, result in results.items()})
+            update("evaluate", i + 1, len(paths))
+            del model
+    return pd.DataFrame(rows)

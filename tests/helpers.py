@@ -1,0 +1,350 @@
+"""Helpers shared by every test: tiny random models of each family, tokenizers and corpora, the CLI runner,
+and the clients of the `compactlm serve` tests (free loopback ports, Triton gRPC/HTTP streams, the OpenAI route).
+Fixtures live in tests/unit/conftest.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from compactlm.serve.protocol import (
+    TRITON_FINAL,
+    TRITON_IGNORE_EOS,
+    TRITON_INPUT_IDS,
+    TRITON_MAX_TOKENS,
+    TRITON_MODEL,
+    TRITON_OUTPUT_IDS,
+    TRITON_TEXT_INPUT,
+    TRITON_TEXT_OUTPUT,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository's root."""
+
+CONFIGS = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """2-4 layers, hidden 48, 6 heads in 3 KV groups with head_dim 16 (hidden != heads*head_dim... on purpose
+    where allowed), vocab 256."""
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    kwargs.update(overrides)
+    config = CONFIGS[family](**kwargs)
+    config.architectures = [f"{CONFIGS[family].__name__.removesuffix('Config')}ForCausalLM"]
+    return config
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    # Random init has tiny weights; scale them up a little so that units differ clearly in importance.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def random_tokens(n: int = 8, length: int = 32, vocab: int = 256, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one at a time (no padding), never stopping at EOS."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None
+            )
+        out.append(gen[0, len(prompt) :].tolist())
+    return out
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+ATOL = 1e-5
+"""Removing a unit that contributes exactly zero changes only the order of float sums."""
+
+
+@torch.inference_mode()
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens, use_cache=False).logits
+
+
+def expected_state_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter a model of this config must have, with its shape (derived here, not by the library)."""
+    d, f = config.hidden_size, config.intermediate_size
+    h, g, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    attention_bias = bool(getattr(config, "attention_bias", False))  # Llama/Qwen3: q/k/v/o biases
+    qkv_bias = config.model_type == "qwen2" or attention_bias  # Qwen2: q/k/v only, always
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (config.vocab_size, d),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h * hd, d),
+            p + "self_attn.k_proj.weight": (g * hd, d),
+            p + "self_attn.v_proj.weight": (g * hd, d),
+            p + "self_attn.o_proj.weight": (d, h * hd),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+        }
+        if qkv_bias:
+            shapes |= {
+                p + "self_attn.q_proj.bias": (h * hd,),
+                p + "self_attn.k_proj.bias": (g * hd,),
+                p + "self_attn.v_proj.bias": (g * hd,),
+            }
+        if attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (d,)
+        if getattr(config, "mlp_bias", False):
+            shapes |= {
+                p + "mlp.gate_proj.bias": (f,),
+                p + "mlp.up_proj.bias": (f,),
+                p + "mlp.down_proj.bias": (d,),
+            }
+        if config.model_type == "qwen3":
+            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+    return shapes
+
+
+def state_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def head_cols(head: int, head_dim: int) -> slice:
+    return slice(head * head_dim, (head + 1) * head_dim)
+
+
+class CharTokenizer:
+    """A stand-in for a HF tokenizer: one id per character (ord), EOS = 0; counts its calls."""
+
+    eos_token_id = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        self.calls += 1
+        return {"input_ids": [ord(c) % 250 + 1 for c in text]}
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+WORDS = (
+    "the model reads a page of text and learns which word comes next while the pruned student keeps the "
+    "layers heads and neurons that matter most for the loss on held out documents"
+).split()
+
+
+def english_docs(n: int, words_per_doc: int = 40, seed: int = 0) -> list[str]:
+    """Deterministic English-ish documents over a small vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n):
+        idx = torch.randint(0, len(WORDS), (words_per_doc,), generator=gen).tolist()
+        docs.append(" ".join(WORDS[i] for i in idx) + ".")
+    return docs
+
+
+def save_word_tokenizer(folder: Path, texts: list[str]) -> None:
+    """Train a tiny word-level tokenizer (vocab <= 256) on `texts` and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"]))
+    assert tok.get_vocab_size() <= 256
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+
+
+def cli(*args):
+    """Run `compactlm ARGS...` in-process (typer's CliRunner); returns the click Result."""
+    from typer.testing import CliRunner
+
+    from compactlm.cli.root import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def small_run(corpus: Path, steps: int = 3, eval_samples: int | None = 2) -> list[str]:
+    """Options of a seconds-long retraining run on a tiny model: 16-token rows, batch 2, held-out on 2 rows."""
+    args = ["--data", str(corpus), "--steps", str(steps), "--seq-len", "16", "--batch-size", "2"]
+    return args + (["--eval-samples", str(eval_samples)] if eval_samples is not None else [])
+
+
+HOST = "127.0.0.1"
+
+
+def tiny_engine(root):
+    """A tiny Llama with a word tokenizer, built as a torch engine (seconds): what the serving tests serve."""
+    from compactlm.engines import BuildConfig, Limits, build_engine
+    from tests.helpers import english_docs, save_word_tokenizer, tiny_model
+
+    tiny_model("llama").save_pretrained(root / "ckpt")
+    save_word_tokenizer(root / "ckpt", english_docs(40))
+    limits = Limits(max_batch_size=8, max_input_len=48, max_seq_len=96, max_num_tokens=256)
+    return build_engine(root / "ckpt", root / "tiny", BuildConfig(backend="torch", limits=limits))
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on loopback now (bound to port 0, then released)."""
+    sockets = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((HOST, 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def triton_inputs(module, ids=None, text=None, max_tokens=None, ignore_eos=True, batched=False, dtype="INT32"):
+    """tritonclient InferInputs of the protocol (module: tritonclient.grpc or .http); None leaves one out."""
+    tensors = []
+    if ids is not None:
+        tensors.append((TRITON_INPUT_IDS, np.asarray(ids, dtype=np.int32 if dtype == "INT32" else np.float32), dtype))
+    if text is not None:
+        tensors.append((TRITON_TEXT_INPUT, np.asarray([text.encode()], dtype=object), "BYTES"))
+    if max_tokens is not None:
+        tensors.append((TRITON_MAX_TOKENS, np.asarray([max_tokens], dtype=np.int32), "INT32"))
+    if ignore_eos is not None:
+        tensors.append((TRITON_IGNORE_EOS, np.asarray([ignore_eos]), "BOOL"))
+    inputs = []
+    for name, array, kind in tensors:
+        array = array[None, :] if batched else array
+        tensor = module.InferInput(name, list(array.shape), kind)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class GrpcStream:
+    """One tritonclient gRPC stream: `generate(...)` returns (token ids, text, error) of one request."""
+
+    def __init__(self, port: int):
+        import tritonclient.grpc as grpcclient
+
+        self.module = grpcclient
+        self.client = grpcclient.InferenceServerClient(f"{HOST}:{port}")
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def generate(self, timeout: float = 60, **inputs) -> tuple[list[int], str, str | None]:
+        self.client.async_stream_infer(
+            TRITON_MODEL, triton_inputs(self.module, **inputs), enable_empty_final_response=True
+        )
+        ids, text = [], ""
+        while True:
+            result, error = self.responses.get(timeout=timeout)
+            if error is not None:
+                return ids, text, str(error)
+            response = result.get_response()
+            out = result.as_numpy(TRITON_OUTPUT_IDS)
+            if out is not None:
+                ids += out.tolist()
+            pieces = result.as_numpy(TRITON_TEXT_OUTPUT)
+            if pieces is not None:
+                text += b"".join(pieces.reshape(-1)).decode()
+            final = response.parameters.get(TRITON_FINAL)
+            if final is not None and final.bool_param:
+                return ids, text, None
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def post(port: int, path: str, body, timeout: float = 60) -> tuple[int, bytes]:
+    """POST a JSON body (or raw bytes) and read the whole answer."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, raw = response.status, response.read()
+    conn.close()
+    return status, raw
+
+
+def sse(raw: bytes) -> list[str]:
+    return [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+
+
+def triton_http_stream(port: int, body: dict) -> tuple[int, list[dict]]:
+    status, raw = post(port, f"/v2/models/{TRITON_MODEL}/generate_stream", body)
+    return status, [json.loads(event) for event in sse(raw)]
+
+
+def openai_stream(port: int, body: dict) -> tuple[list[int], str, str | None, dict | None]:
+    """A streaming /v1/completions: (token ids, text, finish_reason, usage); fails on a missing [DONE]."""
+    status, raw = post(port, "/v1/completions", {**body, "stream": True})
+    assert status == 200, raw
+    events = sse(raw)
+    assert events[-1] == "[DONE]", events[-3:]
+    ids, text, finish, usage = [], "", None, None
+    for event in events[:-1]:
+        chunk = json.loads(event)
+        assert "error" not in chunk, chunk
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            ids += choice["token_ids"]
+            text += choice["text"]
+            finish = choice["finish_reason"] or finish
+    return ids, text, finish, usage
+
+
+def wait_ready(http_port: int, openai_port: int | None, timeout: float = 120, process=None) -> None:
+    """Wait until Triton's models answer ready (and the OpenAI route its health), or fail."""
+    urls = [f"http://{HOST}:{http_port}/v2/models/{TRITON_MODEL}/ready"]
+    if openai_port:
+        urls.append(f"http://{HOST}:{openai_port}/health")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if all(urllib.request.urlopen(url, timeout=2).status == 200 for url in urls):
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the server was not ready within {timeout} s")

@@ -1,0 +1,202 @@
+"""The `cpu` (OpenVINO GenAI) and `torch` engines on tiny random models: build, parity with transformers, limits,
+manifest, CLI. Each OpenVINO export takes ~10-15 s (the exporter runs in its own venv), so engines are built
+once per module."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compactlm.core.errors import CompactLMError
+from compactlm.engines import BuildConfig, Limits, Request, build_engine, load_engine, read_manifest
+from compactlm.engines.backends.openvino.export import is_ready
+from tests.helpers import cli, english_docs, hf_greedy, random_tokens, save_word_tokenizer, tiny_model
+
+pytestmark = pytest.mark.skipif(
+    not is_ready(), reason="the OpenVINO exporter venv is not set up (`compactlm engines setup`, done by make setup)"
+)
+LIMITS = Limits(max_batch_size=8, max_input_len=48, max_seq_len=96, max_num_tokens=256)
+NEW = 32
+
+
+def prompts_of(seed: int) -> list[list[int]]:
+    """8 prompts of different lengths (the torch engine left-pads them into one batch)."""
+    rows = random_tokens(8, 24, seed=seed).tolist()
+    return [row[: 8 + 2 * i] for i, row in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama (head_dim 16 != hidden 48 / 6 heads, tied embeddings) with a word tokenizer, and its cpu
+    fp32 engine built through the CLI, plus a torch engine."""
+    root = tmp_path_factory.mktemp("tiny-engines")
+    model = tiny_model("llama").eval()
+    model.save_pretrained(root / "ckpt")
+    save_word_tokenizer(root / "ckpt", english_docs(40))
+    result = cli(
+        "engines", "build", root / "ckpt", root / "cpu", "--max-batch-size", 8, "--max-input-len", 48,
+        "--max-seq-len", 96, "--max-num-tokens", 256,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    build_engine(root / "ckpt", root / "torch", BuildConfig(backend="torch", limits=LIMITS))
+    return {"root": root, "model": model, "ckpt": root / "ckpt", "cpu": root / "cpu", "torch": root / "torch"}
+
+
+def test_cpu_and_torch_engines_match_transformers_greedy(tiny):
+    prompts = prompts_of(seed=5)
+    expected = hf_greedy(tiny["model"], prompts, NEW)
+    for backend in ("cpu", "torch"):
+        with load_engine(tiny[backend]) as engine:
+            completions = engine.generate(prompts, max_new_tokens=NEW, ignore_eos=True)
+        assert [c.tokens for c in completions] == expected, backend
+        assert all(c.finish_reason == "length" and len(c.token_times) == NEW for c in completions)
+
+
+def test_manifest_records_source_limits_and_runtime(tiny):
+    manifest = read_manifest(tiny["cpu"])
+    assert manifest.backend == "cpu" and manifest.precision == "fp32"
+    assert manifest.limits == LIMITS
+    assert manifest.source["path"] == str(tiny["ckpt"].resolve()) and len(manifest.source["sha256"]) == 64
+    assert manifest.model["head_dim"] == 16 and manifest.model["num_layers"] == 4
+    assert manifest.backend_info["properties"] == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    assert manifest.backend_info["fused_qkv_layers"] == 0  # fp32 weights keep the stock graph
+    assert {"openvino", "openvino-genai", "torch", "transformers"} <= set(manifest.libraries)
+    assert manifest.host["cpu_count"] >= 1 and manifest.build_seconds > 0
+    assert (tiny["cpu"] / "model" / "openvino_model.xml").is_file()
+    assert (tiny["cpu"] / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_engine_refuses_prompts_beyond_its_limits(tiny):
+    with load_engine(tiny["cpu"]) as engine:
+        with pytest.raises(CompactLMError, match="max_input_len 48"):
+            engine.submit(Request(tuple(range(49)), 4))
+        with pytest.raises(CompactLMError, match="max_seq_len 96"):
+            engine.submit(Request(tuple(range(40)), 57))
+    result = cli("engines", "generate", tiny["cpu"], "--prompt", " ".join(["the"] * 60))
+    assert result.exit_code != 0 and "max_input_len 48" in str(result.exception)
+
+
+def test_stop_at_eos_unless_ignored(tiny, tmp_path):
+    prompt = prompts_of(seed=9)[0]
+    greedy = hf_greedy(tiny["model"], [prompt], 12)[0]
+    eos = greedy[4]
+    first = greedy.index(eos)
+    model = tiny_model("llama")
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    model.save_pretrained(tmp_path / "ckpt")
+    for backend in ("cpu", "torch"):
+        out = build_engine(tmp_path / "ckpt", tmp_path / backend, BuildConfig(backend=backend, limits=LIMITS))
+        with load_engine(out) as engine:
+            assert engine.eos_token_ids == (eos,)
+            stopped, full = engine.generate([prompt], 12)[0], engine.generate([prompt], 12, ignore_eos=True)[0]
+        assert stopped.tokens == greedy[: first + 1] and stopped.finish_reason == "stop", backend
+        assert full.tokens == greedy and full.finish_reason == "length", backend
+
+
+def test_qwen3_student_with_biases_and_qk_norm_matches(tmp_path):
+    model = tiny_model("qwen3", attention_bias=True, num_hidden_layers=3).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    out = build_engine(tmp_path / "ckpt", tmp_path / "cpu", BuildConfig(limits=LIMITS))
+    prompts = prompts_of(seed=2)[:4]
+    with load_engine(out) as engine:
+        got = [c.tokens for c in engine.generate(prompts, 16, ignore_eos=True)]
+    assert got == hf_greedy(model, prompts, 16)
+
+
+def test_int4_engine_is_smaller_and_generates(tiny, tmp_path):
+    config = BuildConfig(precision="int4", limits=LIMITS, calib_samples=4, calib_seq_len=32)
+    out = build_engine(tiny["ckpt"], tmp_path / "int4", config)
+    info = read_manifest(out).backend_info
+    assert info["weight_format"] == "int4" and info["int4_group_size"] == 16
+    assert info["int4_method"] == "AWQ + scale estimation on 4 calibration texts"
+    assert info["fused_qkv_layers"] == 4  # compressed weights: one q/k/v matmul per layer
+
+    def size(folder):
+        return sum(f.stat().st_size for f in (folder / "model").glob("openvino_model.bin"))
+
+    assert size(out) < 0.6 * size(tiny["cpu"])
+    prompts = prompts_of(seed=3)[:3]
+    with load_engine(out) as engine:
+        completions = engine.generate(prompts, 10, ignore_eos=True)
+    assert [len(c.tokens) for c in completions] == [10, 10, 10]
+    assert all(0 <= t < 256 for c in completions for t in c.tokens)
+
+
+def test_engine_perplexity_matches_transformers_in_fp32(tiny):
+    from compactlm.engines.quality import engine_perplexity
+
+    seqs = random_tokens(3, 32, seed=4)
+    with torch.inference_mode():
+        loss = tiny["model"](seqs, labels=seqs).loss.item()
+    for backend in ("cpu", "torch"):
+        assert engine_perplexity(tiny[backend], seqs.numpy()) == pytest.approx(np.exp(loss), rel=1e-4), backend
+
+
+def test_cli_run_streams_text_and_info_shows_the_manifest(tiny):
+    result = cli("engines", "generate", tiny["cpu"], "--prompt", "the cat", "--max-new-tokens", 5, "--ignore-eos")
+    assert result.exit_code == 0, result.output
+    assert "5 tokens (length)" in result.output
+    info = cli("engines", "info", tiny["cpu"])
+    assert info.exit_code == 0 and "cpu / fp32" in info.output and "max_batch_size 8" in info.output
+    raw = json.loads(cli("engines", "info", tiny["cpu"], "--json").output)
+    assert raw["limits"]["max_seq_len"] == 96
+
+
+def test_cli_refuses_bad_input_before_any_work(tiny, tmp_path):
+    result = cli("engines", "build", tiny["ckpt"], tiny["cpu"])
+    assert result.exit_code != 0 and "already exists; pass --overwrite" in str(result.exception)
+    result = cli("engines", "build", tiny["ckpt"], tmp_path / "x", "--precision", "fp8")
+    assert "no precision 'fp8'; choose from fp32, bf16, int8, int4" in str(result.exception)
+    result = cli("engines", "build", tiny["ckpt"], tmp_path / "x", "--backend", "vllm")
+    assert "unknown backend 'vllm'" in str(result.exception)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    result = cli("engines", "build", tmp_path / "gpt2", tmp_path / "x")
+    assert "unsupported architecture 'gpt2'" in str(result.exception)
+    result = cli("engines", "build", tiny["ckpt"], tmp_path / "x", "--max-seq-len", 4096)
+    assert "exceeds the model's max_position_embeddings 128" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.tmp")]
+
+
+def test_for_sweep_sizes_the_engine_to_the_sweep(tiny, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("shapes: [[64, 32], [32, 64]]\nscale: 2\nbatch_sizes: [1, 4]\ninput_stdev: 2\n")
+    result = cli("engines", "build", tiny["ckpt"], tmp_path / "eng", "--backend", "torch", "--for-sweep", sweep)
+    assert result.exit_code == 0, result.output
+    limits = read_manifest(tmp_path / "eng").limits
+    assert (limits.max_batch_size, limits.max_input_len, limits.max_seq_len) == (4, 32 + 8, 48 + 8)
+
+
+def test_build_survives_a_failing_export_without_leaving_files(tiny, tmp_path, monkeypatch):
+    import compactlm.engines.backends.openvino.export as export
+
+    def broken(*args, **kwargs):
+        raise CompactLMError("exporting failed (exit 1):\nboom")
+
+    monkeypatch.setattr(export, "export_openvino", broken)
+    with pytest.raises(CompactLMError, match="boom"):
+        build_engine(tiny["ckpt"], tmp_path / "eng", BuildConfig(limits=LIMITS))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fused_qkv_engine_gives_the_stock_engines_tokens_and_the_benchmark_rebuilds_it(tiny, tmp_path):
+    from compactlm.bench.perf.cpu_engine import ensure_engine
+
+    fused = build_engine(tiny["ckpt"], tmp_path / "fused", BuildConfig(limits=LIMITS, fuse_qkv=True))
+    assert read_manifest(fused).backend_info["fused_qkv_layers"] == 4
+    prompts = prompts_of(seed=9)
+    tokens = {}
+    for label, path in (("fused", fused), ("stock", tiny["cpu"])):
+        with load_engine(path) as engine:
+            tokens[label] = [c.tokens for c in engine.generate(prompts, max_new_tokens=NEW, ignore_eos=True)]
+    assert tokens["fused"] == tokens["stock"]
+    # the benchmark reuses an engine built as it would build it, and rebuilds one built otherwise
+    built = (tiny["cpu"] / "engine.json").read_text()
+    assert ensure_engine(tiny["ckpt"], tiny["cpu"], "fp32", LIMITS, stock=True) == tiny["cpu"]
+    assert (tiny["cpu"] / "engine.json").read_text() == built
+    ensure_engine(tiny["ckpt"], fused, "fp32", LIMITS)
+    assert read_manifest(fused).backend_info["fused_qkv_layers"] == 0
