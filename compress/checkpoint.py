@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -11,11 +10,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from compactlm.compress.record import RECORD_FILE, new_record, read_record
 from compactlm.core.errors import CompactLMError
-from compactlm.core.host import package_version
 from compactlm.core.io import atomic_dir
 
-RECORD_FILE = "compactlm.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -96,7 +94,7 @@ class Checkpoint:
             return name_or_path
         from compactlm.compress.arch import family_of
         from compactlm.compress.models import resolve
-        from compactlm.compress.quantize import quantized_format
+        from compactlm.compress.quantized import quantized_format
 
         path = resolve(name_or_path)
         config = read_config(path)
@@ -146,9 +144,9 @@ def load_model(name_or_path: str | os.PathLike | Checkpoint, dtype=None):
     hf_logging.disable_progress_bar()  # our own progress is shown; a bar per load is noise
     try:
         if checkpoint.quantized:  # quantized by `compress quantize`: restore its quantizers
-            from compactlm.compress.quantize import load_quantized
+            from compactlm.compress.quantized import load_quantized
 
-            model = load_quantized(path, dtype or torch.float32)
+            model = load_quantized(path, checkpoint.weights, dtype or torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -173,11 +171,6 @@ def load_tokenizer(name_or_path: str | os.PathLike | Checkpoint):
         raise CompactLMError(f"{path} has no usable tokenizer: {str(exc).splitlines()[0]}") from exc
 
 
-def read_record(path: str | os.PathLike) -> dict | None:
-    record = Path(path) / RECORD_FILE
-    return json.loads(record.read_text()) if record.is_file() else None
-
-
 def save_checkpoint(
     model,
     out: str | os.PathLike,
@@ -194,15 +187,7 @@ def save_checkpoint(
     to a callable that writes it into the folder (e.g. kept indices as safetensors).
     """
     out = Path(out).expanduser()
-    parent_record = read_record(source) if source else None
-    record = {
-        "format": "compactlm/1",
-        "compactlm_version": package_version(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "parent": str(Path(source).resolve()) if source else None,
-        "history": list(parent_record["history"]) if parent_record else [],
-    }
-    record["history"].append(operation)
+    record = new_record(source, operation)
     from transformers.utils import logging as hf_logging
 
     with atomic_dir(out, overwrite=overwrite) as tmp:

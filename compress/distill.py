@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from compactlm.compress.arch import decoder_layers, shape_of
-from compactlm.compress.checkpoint import read_record
 from compactlm.compress.losses import cross_entropy, hidden_state, kd_logits, kd_topk
+from compactlm.compress.record import read_record
 from compactlm.compress.train import Batch
 from compactlm.compress.train_config import DistillConfig
 from compactlm.core.errors import CompactLMError

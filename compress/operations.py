@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from compactlm.compress.checkpoint import load_model, load_tokenizer, read_record, save_checkpoint
+from compactlm.compress.checkpoint import load_model, load_tokenizer, save_checkpoint
 from compactlm.compress.data import describe, load_sequences
 from compactlm.compress.evaluate import count_model_params, perplexity
 from compactlm.compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
 from compactlm.compress.prune import PruneTarget, needs_scores, prune
+from compactlm.compress.record import read_record
 from compactlm.compress.tasks import load_task, multiple_choice_accuracy
 from compactlm.core.console import stage_progress
 from compactlm.core.errors import CompactLMError

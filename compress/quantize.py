@@ -9,7 +9,7 @@ A quantized checkpoint is a Hugging Face folder plus `modelopt_state.pth` (model
 quantizers sit where, with their settings) beside weights that include the calibrated quantizer state (amax,
 pre-quant scales). SmoothQuant and AWQ fold their smoothing into the weights, so a plain `from_pretrained` of
 the folder would be a wrong model: `compactlm.compress.checkpoint.load_model` restores the quantizers, and backends that
-cannot run modelopt quantization refuse the folder (see `quantized_format`). The `quantize` record in
+cannot run modelopt quantization refuse the folder (compactlm.compress.quantized). The `quantize` record in
 `compactlm.json` says what was done.
 
 All modelopt imports happen inside functions: importing this module is cheap.
@@ -17,20 +17,16 @@ All modelopt imports happen inside functions: importing this module is cheap.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import os
 import time
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from compactlm.compress.quantized import STATE_FILE, quiet
 from compactlm.core.errors import CompactLMError
 
-STATE_FILE = "modelopt_state.pth"
-"""modelopt's name for it (its Hugging Face plugin reads the same file)."""
 BLOCK_SIZES = (128, 64, 32, 16)
 """INT4 group sizes, largest first: TensorRT-LLM's W4A16 AWQ kernels take 128 and 64 (SmolLM2's 576 needs 64)."""
 
@@ -117,14 +113,6 @@ class QuantizeConfig:
             raise CompactLMError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """modelopt prints banners and warns about transformers versions and a missing tensorrt_llm."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def weight_widths(model) -> set[int]:
     """Input widths of the decoder's linear layers (what an INT4 group must divide)."""
     import torch
@@ -206,18 +194,6 @@ def quantized_modules(model) -> int:
     return sum(1 for m in model.modules() if type(m).__name__.startswith("Quant"))
 
 
-def quantized_format(path: str | os.PathLike, record: dict | None = None) -> str | None:
-    """The format a checkpoint folder was quantized with (read from its record), or None for a plain one."""
-    from compactlm.compress.checkpoint import read_record
-
-    path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        return None
-    record = record or read_record(path) or {}
-    ops = [op for op in record.get("history", []) if op.get("op") == "quantize"]
-    return ops[-1]["format"] if ops else "modelopt"
-
-
 def calibration_batches(model_path, cfg: QuantizeConfig):
     """calib_samples x calib_seq_len tokens of the calibration data's train split, in batches; a clear error when
     the data holds fewer."""
@@ -265,41 +241,6 @@ def save_quantized(model, out: Path, source: Path, record: dict, overwrite: bool
     )
 
 
-def load_quantized(path: Path, dtype=None):
-    """Rebuild a modelopt-quantized checkpoint: the plain model, its quantizers restored, then every weight and
-    quantizer buffer loaded (strict)."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from compactlm.compress.checkpoint import check_weights
-
-    with quiet():
-        import modelopt.torch.opt as mto
-
-        config = AutoConfig.from_pretrained(path)
-        from transformers.initialization import no_init_weights
-
-        with no_init_weights():  # every weight is loaded below
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-        # modelopt's state holds its config objects: a pickle, from a file compactlm itself wrote beside the weights
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        model = mto.restore_from_modelopt_state(model, state)
-    weights = {}
-    for file in check_weights(path):
-        weights.update(load_file(file))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise CompactLMError(
-            f"{path}: the weights do not fit the restored quantized model (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    if tied:
-        model.tie_weights()
-    return model.eval()
-
-
 def quantize_checkpoint(model, out: str | os.PathLike, cfg: QuantizeConfig, overwrite: bool = False) -> dict:
     """Quantize a checkpoint (path or bundled name) into `out`; returns the record written."""
     from compactlm.compress.checkpoint import inspect_checkpoint, load_model
@@ -312,7 +253,7 @@ def quantize_checkpoint(model, out: str | os.PathLike, cfg: QuantizeConfig, over
     if checkpoint.quantized:
         raise CompactLMError(f"{path} is already quantized ({checkpoint.quantized}): quantize its parent instead")
     batches = calibration_batches(path, cfg)  # before loading the model: too little data fails fast
-    student = load_model(path)
+    student = load_model(checkpoint)
     info = quantize_model(student, cfg.format, batches, cfg.block_size)
     record = {"op": "quantize", **info, "config": asdict(cfg), "calib_data": describe(cfg.calib_data), "split": "train"}
     save_quantized(student, out, path, record, overwrite=overwrite)

@@ -122,7 +122,7 @@ def distill_checkpoint(
         raise CompactLMError(f"--loss {loss} needs the live teacher's hidden states: a logit cache cannot serve it")
     mapping = lineage(student_path, teacher_config, student_config) if "hidden" in loss or "embedding" in loss else None
     dist = distributed_from_env()
-    tokenizer = load_tokenizer(student_path)
+    tokenizer = load_tokenizer(student_ckpt)
     sequences = training_sequences(tokenizer, data, train_cfg, dist.world_size)
     cache = None
     if teacher_cache is not None and loss != "ce":
@@ -137,8 +137,8 @@ def distill_checkpoint(
         model = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
         model.compactlm_path = str(student_path)
     else:
-        model = load_model(student_path)
-    teacher_model = load_model(teacher_path) if needs_teacher else None
+        model = load_model(student_ckpt)
+    teacher_model = load_model(teacher_ckpt) if needs_teacher else None
     if teacher_model is not None:
         teacher_model.to(dist.device)
     objective = Distillation(
@@ -201,12 +201,13 @@ def correct_teacher(
     """Teacher correction (Minitron step 1): fine-tune the teacher on the distillation data with CE."""
     out = Path(out).expanduser()
     check_output(out, overwrite)
-    teacher_path = inspect_checkpoint(teacher).path
+    checkpoint = inspect_checkpoint(teacher)
+    teacher_path = checkpoint.path
     dist = distributed_from_env()
-    tokenizer = load_tokenizer(teacher_path)
+    tokenizer = load_tokenizer(checkpoint)
     sequences = training_sequences(tokenizer, data, train_cfg, dist.world_size)
     work = _prepare_work_dir(out, resume, overwrite, dist)
-    model = load_model(teacher_path)
+    model = load_model(checkpoint)
     before = _heldout_loss(model, tokenizer, data, train_cfg.seq_len, eval_samples) if dist.main else None
     result = train(
         model,
@@ -250,10 +251,11 @@ def cache_logits(
     """Store the teacher's top-k logits for exactly the rows a distillation with `train_cfg` will read."""
     out = Path(out).expanduser()
     check_output(out, overwrite)
-    teacher_path = inspect_checkpoint(teacher).path
-    tokenizer = load_tokenizer(teacher_path)
+    checkpoint = inspect_checkpoint(teacher)
+    teacher_path = checkpoint.path
+    tokenizer = load_tokenizer(checkpoint)
     sequences = training_sequences(tokenizer, data, train_cfg)
-    model = load_model(teacher_path)
+    model = load_model(checkpoint)
     started = time.perf_counter()
     with stage_progress() as update:
         path = cache_teacher_logits(

@@ -7,7 +7,7 @@ set -euo pipefail
 run=${1:?run folder}; dest=${2:?destination}
 rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
 (cd "$run" && find . -type f \( -path './report/*' -o -path './stages/*' -o -path './eval/*' -o -path './sweep/*' \
-  -o -name recipe.resolved.yaml -o -name job.json -o -path './models/*/compactlm.json' \
+  -o -name recipe.resolved.yaml -o -name run.json -o -path './models/*/compactlm.json' \
   -o -path './engines/*/engine.json' \) | sort) | while read -r f; do
   mkdir -p "$dest.tmp/$(dirname "$f")" && cp "$run/$f" "$dest.tmp/$f"
 done

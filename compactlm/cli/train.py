@@ -22,10 +22,11 @@ CONTROL = ("config", "resume", "overwrite")
 """Options that steer the command, not the run (never read from the options file)."""
 
 
-def _settings(command, config: Path | None, flags: dict):
-    """The options file and the flags, checked; the run's TrainConfig (with a length) and the rest."""
-    hints = {k: v for k, v in command_hints(command).items() if k not in CONTROL}
-    located = options_file(config, hints, {k: v for k, v in flags.items() if k not in CONTROL})
+def _settings(command, config: Path | None, flags: dict, steering: tuple[str, ...] = CONTROL):
+    """The options file (keys checked against `command`'s options, less the `steering` ones) and the flags; the
+    run's TrainConfig (with a length), and every value read."""
+    hints = {k: v for k, v in command_hints(command).items() if k not in steering}
+    located = options_file(config, hints, {k: v for k, v in flags.items() if k not in steering})
     train = build_config(TrainConfig, located).require_length()
     return located, train
 
@@ -143,10 +144,9 @@ def register(app: typer.Typer) -> None:
         Give it the distillation's data and length options, or its --config file."""
         from compactlm.compress.retrain import cache_logits
 
-        hints = command_hints(distill_cmd) if config else command_hints(cache_cmd)
-        hints = {k: v for k, v in hints.items() if k not in CONTROL and k not in ("top_k", "value_dtype")}
-        located = options_file(config, hints, dict(options, data=data))
-        train = build_config(TrainConfig, located).require_length()
+        # with the distillation's file, its keys are the distillation's options
+        command, steering = (distill_cmd, CONTROL) if config else (cache_cmd, (*CONTROL, "top_k", "value_dtype"))
+        located, train = _settings(command, config, dict(options, data=data), steering)
         cache_logits(
             teacher,
             out,

@@ -9,6 +9,7 @@ depend on it run again. The run folder holds every output, the stage records, an
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -157,7 +158,7 @@ def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
 def _plain(recipe: JobRecipe) -> dict:
     data = dataclasses.asdict(recipe)
     data["sweep"] = {k: v for k, v in data["sweep"].items() if k not in ("extra", "engines", "names")}
-    return yaml.safe_load(yaml.safe_dump(data, default_flow_style=None, sort_keys=False, allow_unicode=True))
+    return json.loads(json.dumps(data, default=str))  # plain types: tuples as lists, paths as strings
 
 
 def _pull(job: Run, recipe: JobRecipe) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from compactlm.bench.report import benchmark_blocks, point_table, write_documents
-from compactlm.compress.checkpoint import read_record
+from compactlm.compress.record import read_record
 from compactlm.core.console import console
 from compactlm.core.runs import Run
 from compactlm.job.recipe import JobRecipe, command_line, engine_models

@@ -10,7 +10,7 @@ import sys
 
 import pandas as pd
 
-from compactlm.compress.checkpoint import read_record
+from compactlm.compress.record import read_record
 
 
 def rows(label: str, path: str) -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 
 import compactlm.compress.retrain
 from compactlm.compress.chain import check_chain, load_chain, run_chain
-from compactlm.compress.checkpoint import read_record
+from compactlm.compress.record import read_record
 from compactlm.core.errors import CompactLMError
 from tests.helpers import cli
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from compactlm.compress.checkpoint import (
-    RECORD_FILE,
     check_weights,
     inspect_checkpoint,
     load_model,
@@ -18,6 +17,7 @@ from compactlm.compress.checkpoint import (
     save_checkpoint,
 )
 from compactlm.compress.models import BUNDLED, cached_path, compactlm_home, resolve
+from compactlm.compress.record import RECORD_FILE
 from compactlm.core.errors import CompactLMError
 from tests.helpers import FAMILIES, logits, tiny_model
 

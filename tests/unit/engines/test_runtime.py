@@ -174,3 +174,33 @@ def test_a_dying_worker_fails_its_requests_and_refuses_new_ones():
     assert "kernel exploded" in (second_error or "")
     done = first.result(timeout=5)  # taken by the worker before it died: failed, not left hanging
     assert done.finish_reason == "error" and "kernel exploded" in done.error
+
+
+def test_a_build_resolves_its_checkpoint_once_and_hands_it_to_the_backend(tiny_dir, tmp_path, monkeypatch):
+    import compactlm.compress.checkpoint
+    import compactlm.compress.models
+    from compactlm.compress.checkpoint import Checkpoint
+    from compactlm.engines import BuildConfig, build_engine
+
+    calls = {"resolve": 0, "read_config": 0, "check_weights": 0}
+    for module, name in (
+        (compactlm.compress.models, "resolve"),
+        (compactlm.compress.checkpoint, "read_config"),
+        (compactlm.compress.checkpoint, "check_weights"),
+    ):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, _real=real, _name=name, **k: calls.update({_name: calls[_name] + 1}) or _real(*a, **k),
+        )
+    seen = []
+    backend = get_backend("torch")
+    real_build = type(backend).build
+    monkeypatch.setattr(
+        type(backend), "build", lambda self, ckpt, out, cfg: seen.append(ckpt) or real_build(self, ckpt, out, cfg)
+    )
+    limits = Limits(max_batch_size=2, max_input_len=32, max_seq_len=64, max_num_tokens=64)
+    build_engine(tiny_dir, tmp_path / "engine", BuildConfig(backend="torch", limits=limits))
+    assert calls == {"resolve": 1, "read_config": 1, "check_weights": 1}
+    assert isinstance(seen[0], Checkpoint) and seen[0].path == tiny_dir and seen[0].family == "llama"

@@ -55,11 +55,20 @@ def test_set_overrides_one_value_and_keeps_the_rest():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (BASE + "distil: {tokens: 3}\n", r"recipe.yaml:8: unknown key 'distil' in the recipe \(did you mean 'distill'\?\)"),
-        (BASE + "distill:\n  tokens: 3\n  tempreature: 2\n", r"recipe.yaml:10: unknown key 'tempreature' in distill \(did you mean 'temperature'\?\)"),
+        (
+            BASE + "distil: {tokens: 3}\n",
+            r"recipe.yaml:8: unknown key 'distil' in the recipe \(did you mean 'distill'\?\)",
+        ),
+        (
+            BASE + "distill:\n  tokens: 3\n  tempreature: 2\n",
+            r"recipe.yaml:10: unknown key 'tempreature' in distill \(did you mean 'temperature'\?\)",
+        ),
         (BASE + "distill: {tokens: many}\n", r"recipe.yaml:8: distill.tokens must be an integer or null, not 'many'"),
         (BASE + "distill: {tokens: 0}\n", r"recipe.yaml:8: --tokens must be at least 1, not 0"),
-        (BASE.replace("{num_layers: 2}", "{num_layer: 2}"), r"recipe.yaml:3: unknown key 'num_layer' in students.small \(did you mean 'num_layers'\?\)"),
+        (
+            BASE.replace("{num_layers: 2}", "{num_layer: 2}"),
+            r"recipe.yaml:3: unknown key 'num_layer' in students.small \(did you mean 'num_layers'\?\)",
+        ),
         (BASE.replace("small:", "teacher:"), r"student name 'teacher'"),
         (BASE + "engines: {precisions: [fp64]}\n", r"recipe.yaml:8: engines.precisions: the cpu backend has no"),
         (BASE + "evaluate: {tasks: [trivia]}\n", r"unknown task 'trivia'"),
@@ -101,4 +110,7 @@ def test_the_run_command_plans_and_refuses_bad_input_in_one_line():
         [compactlm, "run", RECIPE, "--set", "distill.tokenz=1"], capture_output=True, text=True, cwd=REPO
     )
     assert bad.returncode == 2
-    assert "--set distill.tokenz=1: unknown key 'tokenz' in distill" in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        "--set distill.tokenz=1: unknown key 'tokenz' in distill" in bad.stdout + bad.stderr
+        and "Traceback" not in bad.stderr
+    )
