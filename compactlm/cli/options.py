@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from compactlm.core.config import Located, build, fields_of, load_yaml, overlay, read_fields
+from compactlm.core.config import Located, build, field_keys, fields_of, load_yaml, overlay, read_fields
 
 ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory or a bundled model's name (e.g. smollm2-135m).")]
 DataOpt = Annotated[
@@ -79,6 +79,7 @@ def options_file(path: Path | None, hints: dict, flags: dict) -> Located:
     """The values of `--config FILE` (keys checked against `hints`) with the flags given laid over them; each
     value remembers where it came from (file:line or the flag) for error messages."""
     located = load_yaml(path, "options file", empty_ok=True) if path else Located({}, {}, "")
+    located = field_keys(located, hints)  # `seq-len:` is the --seq-len option
     read_fields(hints, located, what="the options file")  # unknown keys and ill-typed values, with their line
     given = {k: v for k, v in flags.items() if v is not None}
     where = {k: f"--{k.replace('_', '-')} {v}" for k, v in given.items()}

@@ -113,16 +113,7 @@ def load_yaml(path: str | os.PathLike, what: str, empty_ok: bool = False) -> Loc
         return Located({}, {}, str(path))
     if not isinstance(data, dict):
         raise CompactLMError(f"{what} {path} must be a mapping of key: value")
-    return Located(_normalized(data), _lines(node, str(path)), str(path))
-
-
-def _normalized(value):
-    """Keys with dashes read as underscores (`seq-len` is `seq_len`), recursively."""
-    if isinstance(value, dict):
-        return {str(k).replace("-", "_"): _normalized(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_normalized(v) for v in value]
-    return value
+    return Located(data, _lines(node, str(path)), str(path))
 
 
 def _lines(node, origin: str, prefix: str = "") -> dict[str, str]:
@@ -131,7 +122,6 @@ def _lines(node, origin: str, prefix: str = "") -> dict[str, str]:
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             dotted = f"{prefix}.{key.value}" if prefix else str(key.value)
-            dotted = dotted.replace("-", "_")
             found[dotted] = f"{origin}:{key.start_mark.line + 1}"
             found.update(_lines(value, origin, dotted))
     elif isinstance(node, yaml.SequenceNode):
@@ -206,7 +196,7 @@ def set_values(items: list[str] | tuple[str, ...]) -> Located:
     where: dict[str, str] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise CompactLMError(f"--set {item!r}: write it as section.key=value (e.g. distill.tokens=40960)")
         try:
@@ -222,7 +212,7 @@ def set_values(items: list[str] | tuple[str, ...]) -> Located:
             if not isinstance(target.get(part, {}), dict):
                 raise CompactLMError(f"--set {item!r}: {here} is set to a value, not a section, by an earlier --set")
             target = target.setdefault(part, {})
-        target[last] = _normalized(value)
+        target[last] = value
         for dotted in [key] + [f"{key}.{k}" for k in (value if isinstance(value, dict) else {})]:
             where[dotted] = f"--set {item}"
     return Located(data, where, "--set")
@@ -260,17 +250,42 @@ def unknown_key(key: str, known, at: str, where: str) -> CompactLMError:
     return CompactLMError(f"{at}: unknown key {key!r} in {where}{hint}; known keys there: {', '.join(sorted(known))}")
 
 
+def field_keys(located: Located, names, prefix: str = "") -> Located:
+    """The mapping at `prefix` with a key written with dashes (`seq-len`) renamed to the field it names (`seq_len`),
+    its line kept; keys that are data (a student's name, an engine's) are left as written."""
+    data = _at(located.data, prefix)
+    if not isinstance(data, dict):
+        return located
+    renamed = {k: str(k).replace("-", "_") for k in data if k not in names and str(k).replace("-", "_") in names}
+    if not renamed:
+        return located
+    taken = [new for old, new in renamed.items() if new in data]
+    if taken:
+        at = located.at(f"{prefix}.{taken[0]}" if prefix else taken[0])
+        raise CompactLMError(
+            f"{at}: {taken[0]!r} is given twice (also as {taken[0].replace('_', '-')!r}): write it once"
+        )
+    fixed = {renamed.get(k, k): v for k, v in data.items()}
+    where = dict(located.where)
+    for old, new in renamed.items():
+        before, after = (f"{prefix}.{old}", f"{prefix}.{new}") if prefix else (old, new)
+        for key in [k for k in where if k == before or k.startswith((before + ".", before + "["))]:
+            where[after + key[len(before) :]] = where.pop(key)
+    return Located(_replace_at(located.data, prefix, fixed), where, located.origin)
+
+
 def read_fields(hints: dict[str, object], located: Located, prefix: str = "", what: str = "the file") -> dict:
     """The values of the mapping at `prefix`, each checked against its type hint; unknown keys refused."""
     data = _at(located.data, prefix)
     here = prefix or what
     if not isinstance(data, dict):
         raise CompactLMError(f"{located.at(prefix)}: {here} must be a mapping of key: value, not {data!r}")
+    located = field_keys(located, hints, prefix)
     values = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
+    for key, value in _at(located.data, prefix).items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise unknown_key(key, hints, located.at(dotted), here)
+            raise unknown_key(str(key), hints, located.at(dotted), here)
         values[key] = convert(value, hints[key], located, dotted)
     return values
 
@@ -283,8 +298,9 @@ def _at(data, prefix: str):
 
 def build(cls, located: Located, prefix: str = "", what: str = "the file"):
     """The dataclass `cls` from the mapping at `prefix` of `located` (see the module doc)."""
-    data = _at(located.data, prefix)
     hints = fields_of(cls)
+    located = field_keys(located, typing.get_type_hints(cls), prefix)
+    data = _at(located.data, prefix)
     prepare = getattr(cls, "config_prepare", None)
     if prepare is not None and isinstance(data, dict):
         try:

@@ -45,6 +45,9 @@ def claim_run_folder(out: Path, kind: str, name: str, overwrite: bool = False) -
     """Make `out` the run folder of this `kind` of run named `name`; refuse a non-empty folder that is not a run
     folder (it is someone's data) or that holds another run. `overwrite` empties a run folder of this kind."""
     marker = out / MARKER
+    legacy = out / "job.json"  # the main job's marker before the run mechanism was shared
+    if legacy.is_file() and not marker.is_file():
+        write_json(marker, {"kind": "job", "name": read_json(legacy, "run marker").get("recipe"), "created": now()})
     if out.exists() and not out.is_dir():
         raise CompactLMError(f"{out} is a file: give --out a folder")
     if out.is_dir() and any(out.iterdir()) and not marker.is_file():

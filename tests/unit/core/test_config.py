@@ -63,7 +63,7 @@ def test_nested_sections_mappings_and_lists_of_dataclasses(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("name: a\nseq-lenn: 64\n", r"file.yaml:2: unknown key 'seq_lenn' in the file \(did you mean 'seq_len'\?\)"),
+        ("name: a\nseq-lenn: 64\n", r"file.yaml:2: unknown key 'seq-lenn' in the file \(did you mean 'seq_len'\?\)"),
         ("name: a\ninner:\n  sise: 2\n", r"file.yaml:3: unknown key 'sise' in inner \(did you mean 'size'\?\)"),
         ("name: a\nzzz: 1\n", r"file.yaml:2: unknown key 'zzz' in the file; known keys there: flag, inner"),
         ("name: a\nhidden: x\n", r"file.yaml:2: unknown key 'hidden'"),
@@ -79,6 +79,15 @@ def test_nested_sections_mappings_and_lists_of_dataclasses(tmp_path):
 def test_bad_values_name_the_key_and_its_line(tmp_path, text, message):
     with pytest.raises(CompactLMError, match=message):
         load(Outer, _file(tmp_path, text), "file")
+
+
+def test_dashes_name_fields_but_data_keys_stay_as_written(tmp_path):
+    value = load(Outer, _file(tmp_path, "name: a\nitems:\n  my-model: {size: 3}\n"), "file")
+    assert value.items == {"my-model": Inner(3)}  # a name the user chose, not a field
+    with pytest.raises(CompactLMError, match=r"file.yaml:2: unknown key 'si-ze' in inner"):
+        load(Outer, _file(tmp_path, "name: a\ninner: {si-ze: 2}\n"), "file")
+    with pytest.raises(CompactLMError, match=r"file.yaml:3: 'seq_len' is given twice \(also as 'seq-len'\)"):
+        load(Outer, _file(tmp_path, "name: a\nseq-len: 8\nseq_len: 9\n"), "file")
 
 
 def test_an_unknown_key_with_nothing_close_has_no_suggestion(tmp_path):
