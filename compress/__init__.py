@@ -1,10 +1,13 @@
-"""The compression core: importance estimation, structured pruning and (later) distillation of HF LLMs.
+"""compactlm.compress, the compression core: importance estimation, structured pruning, distillation, teacher
+correction, architecture search, chains, quantization and evaluation of Hugging Face LLMs.
 
 The public API reads like the pipeline::
 
-    model = load_model("smollm2-135m")
+    checkpoint = inspect_checkpoint("smollm2-135m")      # resolved and validated once
+    model = load_model(checkpoint)
     scores = estimate_importance(model, calibration_sequences)
     student, record, kept = prune(model, scores, PruneTarget(hidden_size=432, ffn_hidden_size=1024))
+    distill_checkpoint(teacher, student_dir, out, train_cfg=TrainConfig(tokens=24576), distill_cfg=DistillConfig())
     result = run_search("smollm2-135m", "search", SearchConfig(params=0.5))   # architecture search to a budget
     quantize_model(student, "fp8", calibration_batches)                       # modelopt PTQ, fake-quant on CPU
 
@@ -22,11 +25,18 @@ _EXPORTS = {
     "estimate_importance": "compactlm.compress.importance",
     "PruneTarget": "compactlm.compress.prune",
     "prune": "compactlm.compress.prune",
+    "Checkpoint": "compactlm.compress.checkpoint",
+    "inspect_checkpoint": "compactlm.compress.checkpoint",
     "load_model": "compactlm.compress.checkpoint",
     "load_tokenizer": "compactlm.compress.checkpoint",
     "save_checkpoint": "compactlm.compress.checkpoint",
     "load_sequences": "compactlm.compress.data",
     "perplexity": "compactlm.compress.evaluate",
+    "TrainConfig": "compactlm.compress.train_config",
+    "DistillConfig": "compactlm.compress.train_config",
+    "distill_checkpoint": "compactlm.compress.retrain",
+    "correct_teacher": "compactlm.compress.retrain",
+    "cache_logits": "compactlm.compress.retrain",
     "SearchConfig": "compactlm.compress.search",
     "run_search": "compactlm.compress.search",
     "QuantizeConfig": "compactlm.compress.quantize",
@@ -42,4 +52,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,7 @@ def quantized_format(path: str | os.PathLike, record: dict | None = None) -> str
     return ops[-1]["format"] if ops else "modelopt"
 
 
-def load_quantized(path: Path, weights, dtype=None):
+def load_quantized(path: Path, files, dtype=None):
     """Rebuild a modelopt-quantized checkpoint: the plain model, its quantizers restored, then every weight and
     quantizer buffer loaded (strict)."""
     import torch
@@ -55,7 +55,7 @@ def load_quantized(path: Path, weights, dtype=None):
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         model = mto.restore_from_modelopt_state(model, state)
     weights = {}
-    for file in weights:
+    for file in files:
         weights.update(load_file(file))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

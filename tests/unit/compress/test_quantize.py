@@ -15,10 +15,10 @@ from compactlm.compress.quantize import (
     int4_block_size,
     quantize_checkpoint,
     quantize_model,
-    quantized_format,
     quantized_modules,
     save_quantized,
 )
+from compactlm.compress.quantized import quantized_format
 from compactlm.core.errors import CompactLMError
 from compactlm.engines import BuildConfig, Limits, build_engine
 from tests.helpers import cli, logits, random_tokens, tiny_model
