@@ -16,7 +16,7 @@ Names are imported lazily, so that `compactlm --help` does not pay for importing
 
 from __future__ import annotations
 
-import importlib
+from compactlm.core.exports import lazy_exports
 
 _EXPORTS = {
     "CompactLMError": "compactlm.core.errors",
@@ -46,10 +46,4 @@ _EXPORTS = {
     "run_chain": "compactlm.compress.chain",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

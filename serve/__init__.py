@@ -10,7 +10,7 @@ Names are imported lazily: PyTriton and tritonclient load only when a server sta
 
 from __future__ import annotations
 
-import importlib
+from compactlm.core.exports import lazy_exports
 
 _EXPORTS = {
     "ServeConfig": "compactlm.serve.server",
@@ -20,10 +20,4 @@ _EXPORTS = {
     "write_triton_repo": "compactlm.serve.triton_repo",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
