@@ -71,6 +71,10 @@ class TrainConfig:
             raise CompactLMError("give a training length: --tokens N or --steps N (tokens: or steps: in a file)")
         return self
 
+    def planned_tokens(self, world_size: int = 1) -> int:
+        """The tokens a run of this config trains on (its token budget rounded up to whole steps)."""
+        return self.total_steps(world_size=world_size) * self.global_batch(world_size) * self.seq_len
+
     def total_steps(self, seq_len: int | None = None, world_size: int = 1) -> int:
         self.require_length()
         if self.steps is not None:

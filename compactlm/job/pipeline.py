@@ -61,15 +61,15 @@ def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
     r, plan = recipe, {}
     plan["pull"] = 0.0 if cached_teacher else 30.0
     if r.correction.enabled:
-        plan["correct-teacher"] = 5e-3 * r.correction.tokens + 20
+        plan["correct-teacher"] = 5e-3 * r.correction.planned_tokens() + 20
     plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
     for name in r.students:
         plan[f"prune/{name}"] = 10.0
     cached = r.distill.teacher_cache
     if cached:
-        plan["teacher-cache"] = 1.2e-3 * r.distill.tokens + 10
+        plan["teacher-cache"] = 1.2e-3 * r.distill.planned_tokens() + 10
     for name in r.students:
-        plan[f"distill/{name}"] = (3e-3 if cached else 4.5e-3) * r.distill.tokens + 20
+        plan[f"distill/{name}"] = (3e-3 if cached else 4.5e-3) * r.distill.planned_tokens() + 20
     task_examples = len(r.evaluate.tasks) * (r.evaluate.task_limit or 300)
     for name in model_names(r):
         plan[f"eval/{name}"] = 1e-3 * r.evaluate.samples * r.evaluate.seq_len + 0.12 * task_examples + 10
@@ -205,7 +205,7 @@ def _correct(job: Run, recipe: JobRecipe, paths: Paths, teacher: Path) -> Path:
         return {"path": str(out), "tokens": record["tokens"], "final_train_loss": record["final_train_loss"]}
 
     config = {**dataclasses.asdict(cfg), "data": recipe.data}
-    job.stage("correct-teacher", config, ["pull"], run, _is_dir, f"{cfg.tokens:,} tokens of CE")
+    job.stage("correct-teacher", config, ["pull"], run, _is_dir, f"{cfg.planned_tokens():,} tokens of CE")
     return out
 
 
@@ -276,7 +276,7 @@ def _teacher_cache(job: Run, recipe: JobRecipe, paths: Paths, source: Path) -> N
     config = {k: getattr(cfg, k) for k in CACHE_FIELDS}  # what decides the rows the students will read
     config.update(top_k=cfg.top_k, data=recipe.data)
     deps = ["correct-teacher" if recipe.correction.enabled else "pull"]
-    job.stage("teacher-cache", config, deps, run, _is_dir, f"top-{cfg.top_k} logits of {cfg.tokens:,} tokens")
+    job.stage("teacher-cache", config, deps, run, _is_dir, f"top-{cfg.top_k} logits of {cfg.planned_tokens():,} tokens")
 
 
 def _distill(job: Run, recipe: JobRecipe, paths: Paths, source: Path, name: str) -> None:
@@ -307,7 +307,7 @@ def _distill(job: Run, recipe: JobRecipe, paths: Paths, source: Path, name: str)
 
     config = {**dataclasses.asdict(cfg), "data": recipe.data}
     deps = [f"prune/{name}", *(["teacher-cache"] if cfg.teacher_cache else [])]
-    how = f"{cfg.tokens:,} tokens, {cfg.loss} loss" + (", cached teacher logits" if cfg.teacher_cache else "")
+    how = f"{cfg.planned_tokens():,} tokens, {cfg.loss} loss" + (", cached teacher logits" if cfg.teacher_cache else "")
     job.stage(f"distill/{name}", config, deps, run, _is_dir, how)
 
 

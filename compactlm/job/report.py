@@ -195,12 +195,14 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Run, shapes: pd.DataFram
 def _summary(recipe: JobRecipe, job: Run) -> str:
     ran = sum(r.seconds for r in job.records.values() if not r.reused)
     parts = [f"{recipe.teacher}"]
-    if recipe.correction.tokens:
-        parts.append(f"teacher correction ({recipe.correction.tokens:,} tokens of CE on {recipe.data})")
+    if recipe.correction.enabled:
+        parts.append(f"teacher correction ({recipe.correction.planned_tokens():,} tokens of CE on {recipe.data})")
     parts.append(f"one importance pass ({recipe.importance.samples} x {recipe.importance.seq_len} tokens)")
     parts.append(f"{len(recipe.students)} students ({', '.join(recipe.students)})")
     how = "cached top-k teacher logits" if recipe.distill.teacher_cache else "the live teacher"
-    parts.append(f"distillation ({recipe.distill.tokens:,} tokens each, {recipe.distill.loss} loss, from {how})")
+    parts.append(
+        f"distillation ({recipe.distill.planned_tokens():,} tokens each, {recipe.distill.loss} loss, from {how})"
+    )
     parts.append(f"{recipe.engines.backend} engines ({', '.join(recipe.engines.precisions)})")
     parts.append(f"a sweep of {len(recipe.sweep.shapes)} shape(s) x batch sizes {list(recipe.sweep.batch_sizes)}")
     return " -> ".join(parts) + f". Work done in this run: {ran / 60:.1f} min."

@@ -15,6 +15,7 @@ from compactlm.compress.chain import load_chain
 from compactlm.compress.train_config import CACHE_FIELDS, DistillConfig, DistillRun, TrainConfig
 from compactlm.core.config import fields_of
 from compactlm.core.errors import CompactLMError
+from compactlm.job.pipeline import estimates
 from compactlm.job.recipe import Correction, Distill, load_job_recipe
 from tests.helpers import cli
 
@@ -74,7 +75,10 @@ def test_the_job_recipe_sections_take_the_same_keys_and_defaults(tmp_path):
     assert recipe.distill.train == TrainConfig(tokens=24576, save_every=10)
     assert recipe.distill.objective == DistillConfig()
     path.write_text("name: job\nstudents: {small: {num_layers: 2}}\ndistill: {steps: 7, grad_accum: 2}\n")
-    assert load_job_recipe(path).distill.train == TrainConfig(steps=7, grad_accum=2, save_every=10, tokens=None)
+    recipe = load_job_recipe(path)
+    assert recipe.distill.train == TrainConfig(steps=7, grad_accum=2, save_every=10, tokens=None)
+    # a length in steps plans like one in tokens: 7 steps of 4 x 2 sequences of 256 tokens
+    assert recipe.distill.planned_tokens() == 7 * 8 * 256 and estimates(recipe, True)["distill/small"] > 20
 
 
 # --- --config FILE: a command's options written down --------------------------------------------------------------
