@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from compactlm.core.errors import CompactLMError
+from compactlm.core.io import atomic_file
 
 SUFFIXES = (".parquet", ".csv")
 
@@ -40,12 +41,11 @@ class ResultsFile:
             return
         if self.path.exists():
             frame = pd.concat([read_table(self.path), frame], ignore_index=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        if self.path.suffix == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, self.path)  # atomic: a crash leaves the previous table, never half a file
+        with atomic_file(self.path) as tmp:  # a crash leaves the previous table, never half a file
+            if self.path.suffix == ".parquet":
+                frame.to_parquet(tmp, index=False)
+            else:
+                frame.to_csv(tmp, index=False)
 
     def _csv_header_matches(self, frame: pd.DataFrame) -> bool:
         if not self.path.exists():

@@ -26,6 +26,7 @@ import torch
 from compactlm.compress.arch import ATTN_O, MLP_DOWN, decoder_layers, shape_of
 from compactlm.compress.depth import BlockInfluence, removal_losses
 from compactlm.core.errors import CompactLMError
+from compactlm.core.io import atomic_file
 
 AGGREGATIONS = ("mean", "l2", "var")
 
@@ -90,9 +91,8 @@ class ImportanceScores:
         tensors |= {f"removal_loss.{k}": v for k, v in self.removal_loss.items()}
         meta = dict(self.meta, base_loss=self.base_loss)
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"compactlm": json.dumps(meta)})
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"compactlm": json.dumps(meta)})
         return path
 
     @classmethod

@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compactlm.compress.models import compactlm_home
+from compactlm.core import procs
 from compactlm.core.errors import CompactLMError
 
 BIGBENCH_SPEC = "bigbench==1.0.0"
@@ -159,7 +159,7 @@ def _download(folder: Path, progress) -> Path:
     output = _pip_download(sys.executable, folder, progress, "with pip")
     if output is not None and "cannot declare direct URL dependencies" in output:
         venv = folder / "venv"
-        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+        made = procs.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
         if made.returncode == 0:
             output = _pip_download(str(venv / "bin" / "python"), folder, progress, "with the bundled pip")
     sdist = folder / BIGBENCH_SDIST
@@ -184,7 +184,7 @@ def _download(folder: Path, progress) -> Path:
 def _pip_download(python: str, folder: Path, progress, how: str) -> str | None:
     """None on success, else pip's output."""
     task = progress.add_task(f"downloading {BIGBENCH_SPEC} (358 MB) {how}", total=None)
-    proc = subprocess.run(
+    proc = procs.run(
         [
             python,
             "-m",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from compactlm.cli.bench import app as bench_app
 from compactlm.cli.compress import app as compress_app
@@ -84,18 +86,37 @@ def run(
         from compactlm.core.console import console
         from compactlm.job.recipe import command_line
 
-        console.print(f"[yellow]interrupted[/]: run `{command_line(job, out)}` again to continue where it stopped")
+        console.print(
+            Text.assemble(
+                ("interrupted", "yellow"), f": run `{command_line(job, out)}` again to continue where it stopped"
+            )
+        )
         raise typer.Exit(130) from None
 
 
+def report_error(message: str) -> None:
+    """`error: MESSAGE` on stderr, the message as plain text (a `[` in a path or a value is not markup)."""
+    from compactlm.core.console import console
+
+    console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    """Console entry point: user errors print one line and exit with status 2, no traceback."""
+    """Console entry point: an expected failure (bad input, a missing file, a full disk) prints one line and exits
+    with status 2, no traceback; COMPACTLM_DEBUG=1 shows the traceback too."""
+    debug = bool(os.environ.get("COMPACTLM_DEBUG"))
     try:
         app()
     except CompactLMError as exc:
-        from compactlm.core.console import console
-
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        if debug:
+            raise
+        report_error(str(exc))
+        sys.exit(2)
+    except OSError as exc:  # the machine, not the code: permissions, a full disk, a vanished file
+        if debug:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        report_error(f"{exc.strerror or exc}{where}")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

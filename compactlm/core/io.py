@@ -4,6 +4,7 @@ output is replaced only when asked."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -15,8 +16,36 @@ from compactlm.core.errors import CompactLMError
 
 
 def _temp_name(path: Path, kind: str) -> Path:
-    """A hidden name beside `path`, unique per call (two writers never share a temp file)."""
-    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
+    """A hidden name beside `path`, unique per call (two writers never share a temp file), holding the writer's
+    process id, so that what a killed writer left behind can be told from what a live one is writing."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and folders beside `path` that a killed writer left (its process is gone); a live
+    writer's are kept. Returns what was removed."""
+    path = Path(path).expanduser()
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for item in path.parent.glob(f".{glob.escape(path.name)}.*-*-*"):
+        kind, _, rest = item.name[len(path.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+        removed.append(item)
+    return removed
 
 
 def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -34,6 +63,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path` to write to; on success it is renamed to `path`, on failure removed."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     tmp = _temp_name(path, "tmp")
     try:
         yield tmp
@@ -70,6 +100,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     check_output(out, overwrite)
+    remove_leftovers(out)  # a killed earlier attempt's half-written folder
     tmp = _temp_name(out, "tmp")
     tmp.mkdir()
     try:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compactlm.core import procs
 from compactlm.core.errors import CompactLMError
 
 REQUIREMENTS = (
@@ -67,7 +68,7 @@ def _locked(path: Path):
 
 
 def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    result = procs.run(cmd, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
         raise CompactLMError(f"{what} failed (exit {result.returncode}):\n{tail}")
@@ -95,7 +96,7 @@ def ensure_exporter(quiet: bool = False) -> Path:
             _run([*pip, *REQUIREMENTS], "installing optimum-intel into the exporter venv")
             # optimum-intel pulls torchvision, whose PyPI build does not load beside this torch wheel
             # ("operator torchvision::nms does not exist") and breaks transformers' imports: the export needs none.
-            subprocess.run(
+            procs.run(
                 [str(_python(tmp)), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], capture_output=True
             )
             _run([str(_python(tmp)), "-c", "import optimum.intel, openvino_tokenizers, nncf"], "checking the exporter")

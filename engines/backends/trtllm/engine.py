@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compactlm.core import procs
 from compactlm.core.errors import CompactLMError
 from compactlm.engines.backend import Backend
 from compactlm.engines.config import BuildConfig
@@ -213,7 +214,7 @@ def run_trtllm_build(out: Path, command: list[str]) -> dict:
     argv = ([exe] if exe else [sys.executable, "-m", "tensorrt_llm.commands.build"]) + command[1:]
     log = out / BUILD_LOG
     with log.open("w") as handle:
-        code = subprocess.run(argv, cwd=out, stdout=handle, stderr=subprocess.STDOUT).returncode
+        code = procs.run(argv, cwd=out, stdout=handle, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise CompactLMError(f"trtllm-build failed (exit {code}); the end of {BUILD_LOG}:\n{tail}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,22 @@ def test_read_json_names_a_corrupt_or_missing_file(tmp_path):
         read_json(tmp_path / "bad.json", "stage record")
     with pytest.raises(CompactLMError, match="does not exist"):
         read_json(tmp_path / "none.json")
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_is_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    (tmp_path / f".out.tmp-{pid}-deadbeef").mkdir()
+    (tmp_path / f".out.tmp-{pid}-deadbeef" / "half").write_text("x")
+    (tmp_path / f".table.csv.tmp-{pid}-cafe0000").write_text("half")
+    live = tmp_path / f".out.tmp-{os.getpid()}-12345678"  # this process: a writer still at work
+    live.mkdir()
+    (tmp_path / ".out.tmp-notapid").mkdir()  # not ours to judge
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "done").write_text("y")
+    with atomic_file(tmp_path / "table.csv") as tmp:
+        tmp.write_text("a,b\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-notapid", live.name, "out", "table.csv"])
