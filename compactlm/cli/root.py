@@ -72,8 +72,11 @@ def run(
     if dry_run:
         from compactlm.compress.models import is_cached
         from compactlm.core.console import console
+        from compactlm.job.pipeline import check_job
 
-        plan = estimates(job, is_cached(job.teacher))
+        cached = is_cached(job.teacher)
+        check_job(job)  # the students and lengths against the teacher (a bundled one is pulled once)
+        plan = estimates(job, cached)
         for name, seconds in plan.items():
             console.print(f"  {name:<36} ~{seconds:>5.0f} s")
         console.print(

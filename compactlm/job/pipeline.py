@@ -81,39 +81,49 @@ def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
     return plan
 
 
-def check_recipe_against_teacher(recipe: JobRecipe, teacher: Path) -> pd.DataFrame:
-    """Every student's target checked against the teacher (before any work); the plan's shapes and sizes."""
+def check_job(recipe: JobRecipe):
+    """Everything that can be checked before any work, and before the run folder exists: the data, the teacher (a
+    bundled one is pulled into the cache once), every student's target, and every sequence length against the
+    teacher's positions. Returns the resolved teacher and the table of shapes."""
     from compactlm.compress.arch import count_params, shape_of
     from compactlm.compress.checkpoint import inspect_checkpoint
+    from compactlm.compress.data import check_data
     from compactlm.compress.prune import plan
 
-    config = inspect_checkpoint(teacher).config
+    check_data(recipe.data, "train")
+    check_data(recipe.data, "heldout")
+    teacher = inspect_checkpoint(recipe.teacher)
+    config = teacher.config
     rows = [{"model": TEACHER, **shape_of(config).as_dict(), "params": count_params(shape_of(config))}]
     for name, target in recipe.students.items():
         try:
             shape, _ = plan(config, target)
         except CompactLMError as exc:
-            raise CompactLMError(f"student {name!r}: {exc}") from exc
+            raise CompactLMError(f"{recipe.source}: student {name!r}: {exc}") from exc
         rows.append({"model": name, **shape.as_dict(), "params": count_params(shape)})
     frame = pd.DataFrame(rows)
     frame["params_pct"] = 100 * frame["params"] / frame["params"].iloc[0]
-    limits = recipe.sweep.limits()
     max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and limits.max_seq_len > max_pos:
-        raise CompactLMError(f"sweep shapes need {limits.max_seq_len} tokens; the teacher takes {max_pos}")
-    return frame
+    lengths = {
+        "sweep shapes (input + output)": recipe.sweep.limits().max_seq_len,
+        "correction.seq_len": recipe.correction.seq_len if recipe.correction.enabled else 0,
+        "importance.seq_len": recipe.importance.seq_len,
+        "distill.seq_len": recipe.distill.seq_len,
+        "evaluate.seq_len": recipe.evaluate.seq_len,
+    }
+    for what, length in lengths.items():
+        if max_pos and length > max_pos:
+            raise CompactLMError(
+                f"{recipe.source}: {what} needs {length} positions; the teacher has {max_pos} (max_position_embeddings)"
+            )
+    return teacher, frame
 
 
 def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
     """Run (or resume) the whole job; returns the report's index.html."""
-    from compactlm.compress.data import check_data
-    from compactlm.compress.models import is_cached
-
     out = Path(out or recipe.default_out()).expanduser()
-    check_data(recipe.data, "train")
-    check_data(recipe.data, "heldout")
-    teacher_cached = is_cached(recipe.teacher) or Path(recipe.teacher).is_dir()
-    job = Run.claim(out, "job", recipe.name, estimates(recipe, teacher_cached))
+    checked, shapes = check_job(recipe)  # before anything is created
+    job = Run.claim(out, "job", recipe.name, estimates(recipe, True))
     paths = Paths(out)
     for folder in ("models", "engines", "sweep", "eval", "importance"):
         (out / folder).mkdir(exist_ok=True)
@@ -123,8 +133,7 @@ def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
         f"estimated {sum(job.plan.values()) / 60:.0f} min on a 2-core CPU"
     )
 
-    teacher = _pull(job, recipe)
-    shapes = check_recipe_against_teacher(recipe, teacher)
+    teacher = _pull(job, recipe, checked.path)
     from compactlm.compress.tables import results_table
 
     names = {"num_layers": "layers", "hidden_size": "hidden", "ffn_hidden_size": "MLP", "num_attention_heads": "heads"}
@@ -161,12 +170,11 @@ def _plain(recipe: JobRecipe) -> dict:
     return json.loads(json.dumps(data, default=str))  # plain types: tuples as lists, paths as strings
 
 
-def _pull(job: Run, recipe: JobRecipe) -> Path:
+def _pull(job: Run, recipe: JobRecipe, path: Path) -> Path:
+    """The teacher, resolved by check_job (a bundled one pulled into the cache): its path and content hash."""
     from compactlm.compress.checkpoint import checkpoint_sha256
-    from compactlm.compress.models import resolve
 
     def run(resume: bool) -> dict:
-        path = resolve(recipe.teacher)
         return {"path": str(path), "sha256": checkpoint_sha256(path)}
 
     record = job.stage("pull", {"teacher": recipe.teacher}, [], run, lambda o: Path(o["path"]).is_dir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,25 @@ def test_a_few_distillation_steps_win_back_held_out_loss(teacher_path, teacher, 
     assert record["heldout_loss"] < before - 0.3  # 7.5 -> ~6 nats after 4 steps, measured
     history = json.loads((tmp_path / "depth-kd" / "compactlm.json").read_text())["history"]
     assert [op["op"] for op in history] == ["prune", "distill"]
+
+
+def test_the_run_command_plans_the_repo_recipe_and_refuses_bad_input_in_one_line(teacher_path):
+    from tests.helpers import REPO
+
+    RECIPE = REPO / "recipes" / "smollm2-minitron.yaml"
+    import subprocess
+    import sys
+
+    compactlm = Path(sys.executable).with_name("compactlm")
+    plan = subprocess.run([compactlm, "run", RECIPE, "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    assert plan.returncode == 0, plan.stderr
+    shown = plan.stdout + plan.stderr
+    assert "distill/width" in shown and "sweep/depth-int8" in shown and "24 stages" in shown
+    bad = subprocess.run(
+        [compactlm, "run", RECIPE, "--set", "distill.tokenz=1"], capture_output=True, text=True, cwd=REPO
+    )
+    assert bad.returncode == 2
+    assert (
+        "--set distill.tokenz=1: unknown key 'tokenz' in distill" in bad.stdout + bad.stderr
+        and "Traceback" not in bad.stderr
+    )

@@ -96,9 +96,7 @@ def ensure_exporter(quiet: bool = False) -> Path:
             _run([*pip, *REQUIREMENTS], "installing optimum-intel into the exporter venv")
             # optimum-intel pulls torchvision, whose PyPI build does not load beside this torch wheel
             # ("operator torchvision::nms does not exist") and breaks transformers' imports: the export needs none.
-            procs.run(
-                [str(_python(tmp)), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], capture_output=True
-            )
+            procs.run([str(_python(tmp)), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], capture_output=True)
             _run([str(_python(tmp)), "-c", "import optimum.intel, openvino_tokenizers, nncf"], "checking the exporter")
             (tmp / ".ready").write_text("\n".join(REQUIREMENTS) + "\n")
             shutil.rmtree(venv, ignore_errors=True)

@@ -5,6 +5,7 @@ depends on it."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -136,4 +137,24 @@ def test_an_impossible_student_fails_before_any_work(recipe_file, tmp_path):
     recipe = load_job_recipe(recipe_file, overrides=["students.width.hidden_size=4096"])
     with pytest.raises(CompactLMError, match="student 'width'.*hidden_size 4096 > 48"):
         run_job(recipe, out)
-    assert not (out / "models" / "teacher-corrected").exists()
+    assert not out.exists()  # nothing created: not the run folder, its marker, or a stage record
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("students.width.hidden_size=4096", "student 'width'.*hidden_size 4096 > 48"),
+        ("evaluate.seq_len=4096", "evaluate.seq_len needs 4096 positions; the teacher has 128"),
+        ("distill.seq_len=1000", "distill.seq_len needs 1000 positions"),
+        ("sweep.shapes=[[100, 100]]", r"sweep shapes \(input \+ output\) needs 200 positions"),
+    ],
+)
+def test_the_dry_run_checks_what_the_job_would_check_first(recipe_file, tmp_path, override, message):
+    from tests.helpers import cli
+
+    result = cli("run", recipe_file, "--set", override, "--dry-run", "--out", tmp_path / "run")
+    assert isinstance(result.exception, CompactLMError) and not (tmp_path / "run").exists()
+    assert re.search(message, str(result.exception)), str(result.exception)
+    result = cli("run", recipe_file, "--dry-run", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "run").exists()
