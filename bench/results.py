@@ -58,15 +58,24 @@ class ResultsFile:
         return read_table(self.path)
 
 
+REQUIRED = ("target", "isl", "osl", "request_throughput")
+"""Columns every results table has (what tells one from any other table)."""
+
+
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A results file as written (Parquet or CSV); a file that is neither is an error naming it."""
     path = Path(path)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        kind = "Parquet" if path.suffix == ".parquet" else "CSV"
+        reason = " ".join(str(exc).split())[:200]
+        raise CompactLMError(f"{path} is not a readable {kind} file ({reason})") from exc
 
 
-def read_results(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Several results files as one table (columns missing in some files are NaN)."""
+def read_results(paths: Sequence[str | os.PathLike], required: Sequence[str] = ()) -> pd.DataFrame:
+    """Several results files as one table (columns missing in some files are NaN); each must have `required`
+    (REQUIRED: what a report reads)."""
     frames = []
     for path in paths:
         path = Path(path).expanduser()
@@ -74,7 +83,14 @@ def read_results(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
             raise CompactLMError(f"results file {path} does not exist")
         if path.suffix not in SUFFIXES:
             raise CompactLMError(f"results file {path} must end in .parquet or .csv")
-        frames.append(read_table(path))
+        frame = read_table(path)
+        missing = [c for c in required if c not in frame.columns]
+        if missing:
+            raise CompactLMError(
+                f"{path} is not a compactlm results table (no {', '.join(missing)} column): give the file that "
+                "`compactlm bench measure` or `bench sweep` wrote"
+            )
+        frames.append(frame)
     if not frames or all(f.empty for f in frames):
         raise CompactLMError("the results files hold no rows")
     return pd.concat(frames, ignore_index=True)

@@ -154,8 +154,11 @@ def load_jsonl(path: str | os.PathLike, tokenizer=None) -> list[WorkloadItem]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CompactLMError(f"dataset {path} does not exist")
+    from compactlm.compress.data import check_text
+
+    check_text(path)
     items = []
-    with path.open() as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

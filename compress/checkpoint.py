@@ -107,6 +107,14 @@ class Checkpoint:
     def has_tokenizer(self) -> bool:
         return any((self.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
+    def check_length(self, tokens: int, what: str) -> None:
+        """Refuse a sequence length the model has no positions for (before any data is read or a step is run)."""
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if positions and tokens > positions:
+            raise CompactLMError(
+                f"{what} {tokens} is beyond the {positions} positions of {self.path} (max_position_embeddings)"
+            )
+
     def sha256(self) -> str:
         return checkpoint_sha256(self.path)
 

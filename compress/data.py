@@ -80,7 +80,7 @@ def _corpus_documents(corpus: Corpus) -> list[Document]:
 
 def _jsonl_documents(path: Path, name: str) -> list[Document]:
     docs = []
-    with path.open() as handle:
+    with path.open(encoding="utf-8", errors="replace") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -108,8 +108,27 @@ def _text_documents(path: Path, name: str) -> list[Document]:
     return [Document(f"{name}:{i}", lambda b=b: b) for i, b in enumerate(blocks)]
 
 
+SNIFF_BYTES = 1 << 16
+
+
+def check_text(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text (a NUL byte or an invalid sequence in its first 64 KiB), before any
+    tokenizer or model sees it."""
+    with path.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise CompactLMError(f"data {path} is not text (a NUL byte at offset {nul}): give UTF-8 text")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise CompactLMError(f"data {path} is not UTF-8 text (an invalid byte at offset {exc.start})") from exc
+
+
 def _file_documents(path: Path, name: str) -> list[Document]:
     """Documents of one file; `name` (the path inside the data folder) prefixes their ids."""
+    check_text(path)
     return _jsonl_documents(path, name) if path.suffix == ".jsonl" else _text_documents(path, name)
 
 

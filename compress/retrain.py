@@ -40,11 +40,19 @@ def training_sequences(tokenizer, data, cfg: TrainConfig, world_size: int = 1) -
     )
 
 
+def _untouched(work: Path) -> bool:
+    """A work folder as a run leaves it before its first checkpoint: nothing in it but an empty checkpoints/."""
+    items = list(work.iterdir())
+    return all(p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()) for p in items)
+
+
 def _prepare_work_dir(out: Path, resume: bool, overwrite: bool, dist) -> Path:
     """Rank 0 checks and creates the work folder; under torchrun every rank learns the outcome."""
     work = work_dir_for(out)
     problem = ""
     if dist.main:
+        if work.exists() and not resume and _untouched(work):
+            shutil.rmtree(work)  # an attempt that stopped before its first checkpoint: nothing to resume
         if work.exists() and not resume:
             if overwrite:
                 shutil.rmtree(work)
@@ -82,11 +90,16 @@ def _finish(model, out: Path, work: Path, source, record: dict, overwrite: bool,
     return out
 
 
-def _heldout_loss(model, tokenizer, data, seq_len: int, samples: int) -> float | None:
+def _heldout(tokenizer, data, seq_len: int, samples: int):
+    """The held-out rows the run is scored on at its end, read before training so that too few of them is an error
+    before any step (a run that could not report its loss wastes its minutes)."""
     if samples <= 0:
         return None
-    heldout = load_sequences(data, tokenizer, num_sequences=samples, seq_len=seq_len, split="heldout")
-    return perplexity(model.to("cpu"), heldout).loss
+    return load_sequences(data, tokenizer, num_sequences=samples, seq_len=seq_len, split="heldout")
+
+
+def _heldout_loss(model, heldout) -> float | None:
+    return None if heldout is None or model is None else perplexity(model.to("cpu"), heldout).loss
 
 
 def _rounded(history: list[dict]) -> list[dict]:
@@ -115,6 +128,8 @@ def distill_checkpoint(
     teacher_ckpt, student_ckpt = inspect_checkpoint(teacher), inspect_checkpoint(student)
     teacher_path, teacher_config = teacher_ckpt.path, teacher_ckpt.config
     student_path, student_config = student_ckpt.path, student_ckpt.config
+    for checkpoint in (teacher_ckpt, student_ckpt):
+        checkpoint.check_length(train_cfg.seq_len, "--seq-len")
     check_compatible(teacher_config, student_config, teacher_path, student_path)
     loss = distill_cfg.resolved_loss(student_config.num_hidden_layers, teacher_config.num_hidden_layers)
     needs_teacher = loss != "ce" and (teacher_cache is None or "hidden" in loss or "embedding" in loss)
@@ -128,6 +143,7 @@ def distill_checkpoint(
     if teacher_cache is not None and loss != "ce":
         cache = TeacherCache(teacher_cache)
         cache.check_matches(sequences, student_config.vocab_size)
+    heldout = _heldout(tokenizer, data, train_cfg.seq_len, eval_samples) if dist.main else None
     work = _prepare_work_dir(out, resume, overwrite, dist)
 
     if from_scratch:  # same architecture, random init (the model's own initializer): the conventional baseline
@@ -179,9 +195,7 @@ def distill_checkpoint(
         "seconds": round(result.seconds, 1),
         "final_train_loss": result.final_loss,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "heldout_loss": None
-        if model is None
-        else _heldout_loss(model, tokenizer, data, train_cfg.seq_len, eval_samples),
+        "heldout_loss": _heldout_loss(model, heldout),
         "history": _rounded(result.history),
     }
     _finish(model, out, work, student_path, record, overwrite, dist)
@@ -202,13 +216,15 @@ def correct_teacher(
     out = Path(out).expanduser()
     check_output(out, overwrite)
     checkpoint = inspect_checkpoint(teacher)
+    checkpoint.check_length(train_cfg.seq_len, "--seq-len")
     teacher_path = checkpoint.path
     dist = distributed_from_env()
     tokenizer = load_tokenizer(checkpoint)
     sequences = training_sequences(tokenizer, data, train_cfg, dist.world_size)
+    heldout = _heldout(tokenizer, data, train_cfg.seq_len, eval_samples) if dist.main else None
     work = _prepare_work_dir(out, resume, overwrite, dist)
     model = load_model(checkpoint)
-    before = _heldout_loss(model, tokenizer, data, train_cfg.seq_len, eval_samples) if dist.main else None
+    before = _heldout_loss(model, heldout)
     result = train(
         model,
         CrossEntropy(),
@@ -228,9 +244,7 @@ def correct_teacher(
         "seconds": round(result.seconds, 1),
         "final_train_loss": result.final_loss,
         "heldout_loss_before": before,
-        "heldout_loss": None
-        if model is None
-        else _heldout_loss(model, tokenizer, data, train_cfg.seq_len, eval_samples),
+        "heldout_loss": _heldout_loss(model, heldout),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "history": _rounded(result.history),
     }
@@ -252,6 +266,7 @@ def cache_logits(
     out = Path(out).expanduser()
     check_output(out, overwrite)
     checkpoint = inspect_checkpoint(teacher)
+    checkpoint.check_length(train_cfg.seq_len, "--seq-len")
     teacher_path = checkpoint.path
     tokenizer = load_tokenizer(checkpoint)
     sequences = training_sequences(tokenizer, data, train_cfg)

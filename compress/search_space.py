@@ -55,13 +55,19 @@ def parse_budget(text: str | float | int) -> float:
     raw = str(text).strip().upper().replace("_", "").replace(",", "")
     try:
         if raw.endswith("%"):
-            return float(raw[:-1]) / 100
+            value = float(raw[:-1]) / 100
+            if not 0 < value < 1:
+                raise CompactLMError(f"the budget {text!r} must be a percentage between 0% and 100% of the model")
+            return value
         for suffix, scale in (("K", 1e3), ("M", 1e6), ("B", 1e9)):
             if raw.endswith(suffix):
                 return float(raw[:-1]) * scale
-        return float(raw)
+        value = float(raw)
     except ValueError as exc:
         raise CompactLMError(f"cannot read the budget {text!r}: give a percentage (50%), a count (67M) or 0.5") from exc
+    if value <= 0 or value != value:
+        raise CompactLMError(f"the budget {text!r} must be positive")
+    return value
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,10 @@ class Engine(ABC):
         if self._failed:
             raise CompactLMError(f"the engine stopped after an error: {self._failed}")
         self.limits.check_request(len(request.prompt), request.max_new_tokens)
+        vocab = self.manifest.model.get("vocab_size")
+        if vocab and request.prompt and not 0 <= min(request.prompt) <= max(request.prompt) < vocab:
+            bad = next(t for t in request.prompt if not 0 <= t < vocab)
+            raise CompactLMError(f"token id {bad} is outside the model's vocabulary (0 to {vocab - 1})")
         stream = RequestStream(request)
         self._ensure_worker()
         self._inbox.put(stream)

@@ -128,6 +128,14 @@ def measure_cmd(
         frame = run_benchmark(opened, points, results, slo, timeout=timeout, **options)
     console.print(summary_table(frame, title=f"{opened.name}: {isl}/{osl}"))
     console.print(f"results appended to {out}")
+    _fail_if_nothing_completed(frame)
+
+
+def _fail_if_nothing_completed(frame) -> None:
+    """A run in which no request completed measured nothing: exit 2 with the first error (a dead server, say)."""
+    if len(frame) and "completed" in frame and int(frame["completed"].sum()) == 0:
+        example = next((e for e in frame.get("error_example", []) if isinstance(e, str) and e), "no error given")
+        raise CompactLMError(f"no request completed ({int(frame['errors'].sum())} failed); the first: {example}")
 
 
 @app.command("sweep")
@@ -176,9 +184,9 @@ def report_cmd(
 ) -> None:
     """Write a Markdown and HTML report with figures: throughput vs batch size, speedups, latency, accuracy."""
     from compactlm.bench.report import load_eval, write_report
-    from compactlm.bench.results import read_results
+    from compactlm.bench.results import REQUIRED, read_results
 
-    frame = read_results(results)
+    frame = read_results(results, REQUIRED)
     evals = load_eval(eval_results) if eval_results is not None else None
     md, page = write_report(frame, out, baseline, evals, command=_command_line())
     console.print(f"report written: {md} and {page}")
@@ -201,6 +209,8 @@ def dataset_cmd(
     """Make a synthetic dataset (like trtllm-bench's `prepare_dataset token-norm-dist`)."""
     from compactlm.bench.workload import Workload, WorkloadSpec, save_jsonl
 
+    if requests < 1:
+        raise CompactLMError(f"--requests must be at least 1, not {requests}")
     spec = WorkloadSpec(isl, osl, input_stdev, output_stdev, source, seed)
     tok, exclude = None, ()
     if engine is not None:

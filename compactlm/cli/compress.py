@@ -60,7 +60,9 @@ def importance_cmd(
         removal_loss=removal_loss,
     )
     check_output(out, overwrite)
-    path = inspect_checkpoint(model).path
+    checkpoint = inspect_checkpoint(model)
+    checkpoint.check_length(seq_len, "--seq-len")
+    path = checkpoint.path
     check_data(data)
     scores = run_importance(path, data, samples, seq_len, config)
     scores.save(out)
@@ -102,6 +104,13 @@ def prune_cmd(
     from compactlm.compress.prune import PruneTarget, needs_scores, parse_layer_ranges, plan
     from compactlm.core.io import check_output
 
+    check_output(out, overwrite)
+    sizes = (hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, num_layers, drop_layers)
+    if all(v is None for v in sizes):
+        raise CompactLMError(
+            "give a pruning target: --hidden-size, --ffn-hidden-size, --num-attention-heads, --num-query-groups, "
+            "--num-layers or --drop-layers (nothing given would copy the model unchanged)"
+        )
     target = PruneTarget(
         hidden_size=hidden_size,
         ffn_hidden_size=ffn_hidden_size,
@@ -111,11 +120,11 @@ def prune_cmd(
         drop_layers=parse_layer_ranges(drop_layers) if drop_layers else None,
         depth_metric=depth_metric,
     )
-    check_output(out, overwrite)
     checkpoint = inspect_checkpoint(model)
     path, config = checkpoint.path, checkpoint.config
     plan(config, target)  # refuse impossible targets before loading anything
-    if scores is None and random_seed is None and needs_scores(config, target):
+    if scores is None and random_seed is None and needs_scores(config, target):  # importance is computed now
+        checkpoint.check_length(seq_len, "--seq-len")
         check_data(data)
     result = prune_checkpoint(
         path,
@@ -168,7 +177,10 @@ def eval_cmd(
     task_names = resolve_task_names(tasks)
     if task_limit < 1:
         raise CompactLMError("--task-limit must be at least 1")
-    paths = [inspect_checkpoint(m).path for m in models]  # validate every model before evaluating any
+    checkpoints = [inspect_checkpoint(m) for m in models]  # validate every model before evaluating any
+    for checkpoint in checkpoints:
+        checkpoint.check_length(seq_len, "--seq-len")
+    paths = [c.path for c in checkpoints]
     check_data(data, split="heldout")
     frame = evaluate_models(
         paths, data, samples, seq_len, batch_size, names=models, tasks=task_names, task_limit=task_limit

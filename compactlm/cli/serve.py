@@ -87,7 +87,10 @@ def start(
             f"  tritonserver log: {server.log_file}; stop with Ctrl-C or SIGTERM", highlight=False, soft_wrap=True
         )
 
-    console.print(f"starting Triton for {engine} ...", highlight=False)
+    from compactlm.engines.manifest import read_manifest
+
+    read_manifest(engine)  # an engine folder, before anything starts
+    console.print(f"starting Triton for {engine} ...", highlight=False, soft_wrap=True)
     summary = serve(engine, config, on_ready=ready)
     console.print(summary, highlight=False, soft_wrap=True)
 

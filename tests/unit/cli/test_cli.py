@@ -148,6 +148,8 @@ def test_prune_checks_the_data_before_loading_the_model(tiny_dir, tmp_path, monk
         str(tmp_path / "o"),
         "--num-layers",
         "3",
+        "--seq-len",
+        "16",
         "--data",
         str(empty),
     ]
@@ -351,7 +353,9 @@ def _run_compactlm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def missing_model_error(tmp_path) -> subprocess.CompletedProcess:
-    return _run_compactlm("compress", "prune", str(tmp_path / "no-such-model-folder"), "OUT", cwd=tmp_path)
+    return _run_compactlm(
+        "compress", "prune", str(tmp_path / "no-such-model-folder"), "OUT", "--num-layers", "2", cwd=tmp_path
+    )
 
 
 def test_user_errors_exit_2_with_an_error_line_and_no_traceback(missing_model_error, tmp_path):

@@ -200,5 +200,9 @@ def test_only_rank_0_judges_and_creates_the_work_folder(tmp_path):
     out = tmp_path / "out"
     work_dir_for(out).mkdir()  # as rank 0 has just made it
     assert _prepare_work_dir(out, resume=False, overwrite=False, dist=Distributed(rank=1)) == work_dir_for(out)
+    (work_dir_for(out) / "checkpoints" / "step-0000001").mkdir(parents=True)  # an earlier run's leftovers
     with pytest.raises(CompactLMError, match="--resume"):
         _prepare_work_dir(out, resume=False, overwrite=False, dist=Distributed(rank=0))
+    # a folder left before any checkpoint holds nothing to resume: rank 0 clears it and goes on
+    (work_dir_for(out) / "checkpoints" / "step-0000001").rmdir()
+    assert _prepare_work_dir(out, resume=False, overwrite=False, dist=Distributed(rank=0)) == work_dir_for(out)

@@ -1,0 +1,356 @@
+"""Bad input, as a new user types it: every case exits with status 2, prints one `error:` line and no traceback, and
+leaves nothing behind (the folder it ran in is as it was). Runs `compactlm`'s real entry point in-process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compactlm.cli.root import main
+
+
+def _write(folder: Path, name: str, content: str | bytes) -> Path:
+    path = folder / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return path
+
+
+@pytest.fixture
+def place(retrain_checkpoints, tmp_path) -> dict:
+    """A folder with a tiny teacher (tokenizer, 128 positions), its pruned student, a corpus and bad files."""
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe = {
+        "name": "tiny",
+        "teacher": str(retrain_checkpoints["teacher"]),
+        "data": str(retrain_checkpoints["corpus"]),
+        "correction": {"tokens": 64, "seq_len": 16, "batch_size": 2},
+        "importance": {"samples": 4, "seq_len": 16},
+        "students": {"small": {"num_layers": 2}},
+        "distill": {"tokens": 64, "seq_len": 16, "batch_size": 2, "top_k": 8},
+        "evaluate": {"samples": 2, "seq_len": 16, "tasks": []},
+        "engines": {"backend": "torch", "precisions": ["fp32"]},
+        "sweep": {"shapes": [[8, 4]], "batch_sizes": [1], "requests": 2, "warmup": 0},
+    }
+    files = {
+        "recipe": _write(work, "recipe.yaml", yaml.safe_dump(recipe)),
+        "binary": _write(work, "random.bin", bytes(range(256)) * 64),
+        "empty": _write(work, "empty.txt", ""),
+        "broken_yaml": _write(work, "broken.yaml", "a: [1, 2\n"),
+        "parquet": _write(work, "fake.parquet", b"PAR1 not really"),
+    }
+    import pandas as pd
+
+    pd.DataFrame({"x": [1, 2]}).to_parquet(work / "other.parquet")
+    (work / "not-an-engine").mkdir()
+    _write(work / "not-an-engine", "notes.txt", "mine")
+    return {"work": work, **retrain_checkpoints, **files}
+
+
+def _recipe_with(place, **changes) -> str:
+    recipe = yaml.safe_load(place["recipe"].read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        target = recipe
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[last] = value
+    return str(_write(place["work"], "changed.yaml", yaml.safe_dump(recipe)))
+
+
+W = "{work}"
+T, S, D = "{teacher}", "{student}", "{corpus}"
+CASES = {
+    # the main job
+    "run: no such recipe": ["run", f"{W}/nope.yaml"],
+    "run: recipe not YAML": ["run", "{broken_yaml}"],
+    "run: recipe is binary": ["run", "{binary}"],
+    "run: recipe is a folder": ["run", W],
+    "run: --set without =": ["run", "{recipe}", "--set", "distill.tokens"],
+    "run: --set broken value": ["run", "{recipe}", "--set", "sweep.batch_sizes=[1"],
+    "run: --set unknown key": ["run", "{recipe}", "--set", "distill.tokenz=3"],
+    "run: --set wrong type": ["run", "{recipe}", "--set", "distill.lr=fast"],
+    "run: unknown budget": ["run", "{recipe}", "--budget", "huge"],
+    "run: impossible student": ["run", "{recipe}", "--set", "students.small.hidden_size=4096", "--out", f"{W}/r"],
+    "run: dry run of an impossible student": ["run", "{recipe}", "--set", "students.small.num_layers=9", "--dry-run"],
+    "run: eval beyond positions": ["run", "{recipe}", "--set", "evaluate.seq_len=4096", "--out", f"{W}/r"],
+    "run: sweep beyond positions": ["run", "{recipe}", "--set", "sweep.shapes=[[100, 100]]", "--out", f"{W}/r"],
+    "run: someone's folder": ["run", "{recipe}", "--out", f"{W}/not-an-engine"],
+    "run: teacher cache with hidden loss": ["run", "{recipe}", "--set", "distill.loss=logit+hidden"],
+    # models
+    "models pull: unknown": ["models", "pull", "gpt-17"],
+    # importance
+    "importance: no such model": ["compress", "importance", f"{W}/no-model", "--out", f"{W}/s.safetensors"],
+    "importance: binary data": [
+        "compress",
+        "importance",
+        T,
+        "--out",
+        f"{W}/s.st",
+        "--data",
+        "{binary}",
+        "--seq-len",
+        "16",
+    ],
+    "importance: empty data": [
+        "compress",
+        "importance",
+        T,
+        "--out",
+        f"{W}/s.st",
+        "--data",
+        "{empty}",
+        "--seq-len",
+        "16",
+    ],
+    "importance: beyond positions": [
+        "compress",
+        "importance",
+        T,
+        "--out",
+        f"{W}/s.st",
+        "--data",
+        D,
+        "--seq-len",
+        "999",
+    ],
+    "importance: bad block sizes": ["compress", "importance", T, "--out", f"{W}/s.st", "--block-sizes", "a,b"],
+    "importance: bad aggregation": ["compress", "importance", T, "--out", f"{W}/s.st", "--seq-agg", "median"],
+    "importance: existing out": ["compress", "importance", T, "--out", "{recipe}"],
+    # prune
+    "prune: no target": ["compress", "prune", T, f"{W}/p"],
+    "prune: larger than the model": ["compress", "prune", T, f"{W}/p", "--hidden-size", "4096"],
+    "prune: unreadable layer list": ["compress", "prune", T, f"{W}/p", "--drop-layers", "x-y"],
+    "prune: layers two ways": ["compress", "prune", T, f"{W}/p", "--num-layers", "2", "--drop-layers", "1"],
+    "prune: no such scores": ["compress", "prune", T, f"{W}/p", "--num-layers", "2", "--scores", f"{W}/none.st"],
+    "prune: garbage scores": ["compress", "prune", T, f"{W}/p", "--num-layers", "2", "--scores", "{binary}"],
+    "prune: heads across groups": ["compress", "prune", T, f"{W}/p", "--num-attention-heads", "5"],
+    "prune: negative size": ["compress", "prune", T, f"{W}/p", "--ffn-hidden-size", "-3"],
+    "prune: binary data": [
+        "compress",
+        "prune",
+        T,
+        f"{W}/p",
+        "--num-layers",
+        "2",
+        "--data",
+        "{binary}",
+        "--seq-len",
+        "16",
+    ],
+    # eval
+    "eval: bad --out": ["compress", "eval", T, "--out", f"{W}/t.txt"],
+    "eval: unknown task": ["compress", "eval", T, "--tasks", "trivia"],
+    "eval: task limit 0": ["compress", "eval", T, "--task-limit", "0"],
+    "eval: beyond positions": ["compress", "eval", T, "--data", D, "--seq-len", "4096"],
+    "eval: no such model": ["compress", "eval", f"{W}/nope"],
+    # retraining
+    "distill: no teacher": ["compress", "distill", "--student", S, "--out", f"{W}/d", "--steps", "1"],
+    "distill: no length": ["compress", "distill", "--teacher", T, "--student", S, "--out", f"{W}/d"],
+    "distill: two lengths": [
+        "compress",
+        "distill",
+        "--teacher",
+        T,
+        "--student",
+        S,
+        "--out",
+        f"{W}/d",
+        "--steps",
+        "1",
+        "--tokens",
+        "9",
+    ],
+    "distill: no such config": ["compress", "distill", "--config", f"{W}/none.yaml"],
+    "distill: config not YAML": ["compress", "distill", "--config", "{broken_yaml}"],
+    "distill: config unknown key": ["compress", "distill", "--config", "{recipe}"],
+    "distill: lr 0": [
+        "compress",
+        "distill",
+        "--teacher",
+        T,
+        "--student",
+        S,
+        "--out",
+        f"{W}/d",
+        "--steps",
+        "1",
+        "--lr",
+        "0",
+    ],
+    "distill: unknown loss": [
+        "compress",
+        "distill",
+        "--teacher",
+        T,
+        "--student",
+        S,
+        "--out",
+        f"{W}/d",
+        "--steps",
+        "1",
+        "--loss",
+        "kl",
+    ],
+    "distill: too many held-out samples": [
+        "compress",
+        "distill",
+        "--teacher",
+        T,
+        "--student",
+        S,
+        "--out",
+        f"{W}/d",
+        "--data",
+        D,
+        "--steps",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-samples",
+        "100000",
+    ],
+    "distill: beyond positions": [
+        "compress",
+        "distill",
+        "--teacher",
+        T,
+        "--student",
+        S,
+        "--out",
+        f"{W}/d",
+        "--data",
+        D,
+        "--steps",
+        "1",
+        "--seq-len",
+        "4096",
+    ],
+    "distill: binary data": [
+        "compress",
+        "distill",
+        "--teacher",
+        T,
+        "--student",
+        S,
+        "--out",
+        f"{W}/d",
+        "--data",
+        "{binary}",
+        "--steps",
+        "1",
+        "--seq-len",
+        "16",
+    ],
+    "correct-teacher: no length": ["compress", "correct-teacher", T, "--out", f"{W}/c"],
+    "correct-teacher: bad precision": [
+        "compress",
+        "correct-teacher",
+        T,
+        "--out",
+        f"{W}/c",
+        "--steps",
+        "1",
+        "--precision",
+        "fp16",
+    ],
+    "correct-teacher: beyond positions": [
+        "compress",
+        "correct-teacher",
+        T,
+        "--out",
+        f"{W}/c",
+        "--steps",
+        "1",
+        "--seq-len",
+        "100000",
+    ],
+    "cache-logits: no length": ["compress", "cache-logits", T, "--out", f"{W}/cache"],
+    # search, chains, quantization
+    "search: 200%": ["compress", "search", T, "--out", f"{W}/s", "--params", "200%"],
+    "search: unreadable budget": ["compress", "search", T, "--out", f"{W}/s", "--params", "half"],
+    "search: tolerance not a fraction": [
+        "compress",
+        "search",
+        T,
+        "--out",
+        f"{W}/s",
+        "--params",
+        "50%",
+        "--tolerance",
+        "2",
+    ],
+    "search: unknown axis": ["compress", "search", T, "--out", f"{W}/s", "--params", "50%", "--axes", "depht"],
+    "search: unknown ranking": ["compress", "search", T, "--out", f"{W}/s", "--params", "50%", "--rank-by", "speed"],
+    "chain: no such file": ["compress", "chain", f"{W}/none.yaml"],
+    "chain: a job recipe": ["compress", "chain", "{recipe}", "--out", f"{W}/c"],
+    "chain: not YAML": ["compress", "chain", "{broken_yaml}", "--out", f"{W}/c"],
+    "quantize: unknown format": ["compress", "quantize", T, f"{W}/q", "--format", "fp4"],
+    # engines
+    "build: unknown backend": ["engines", "build", T, f"{W}/e", "--backend", "nope"],
+    "build: unknown precision": ["engines", "build", T, f"{W}/e", "--backend", "torch", "--precision", "fp64"],
+    "build: beyond positions": ["engines", "build", T, f"{W}/e", "--backend", "torch", "--max-seq-len", "4096"],
+    "build: no such model": ["engines", "build", f"{W}/nope", f"{W}/e"],
+    "info: not an engine": ["engines", "info", f"{W}/not-an-engine"],
+    "generate: no such engine": ["engines", "generate", f"{W}/nope", "-p", "hi"],
+    # bench
+    "measure: binary dataset": ["bench", "measure", "null", "--dataset", "{binary}", "--out", f"{W}/r.csv"],
+    "measure: zero requests": ["bench", "measure", "null", "--requests", "0", "--out", f"{W}/r.csv"],
+    "measure: two loads": ["bench", "measure", "null", "--offline", "--rate", "1", "--out", f"{W}/r.csv"],
+    "measure: bad results file": ["bench", "measure", "null", "--out", f"{W}/r.txt"],
+    "sweep: unknown key": ["bench", "sweep", "{recipe}"],
+    "sweep: no such file": ["bench", "sweep", f"{W}/none.yaml"],
+    "report: random bytes": ["bench", "report", "{parquet}", "--out", f"{W}/rep"],
+    "report: not a results table": ["bench", "report", f"{W}/other.parquet", "--out", f"{W}/rep"],
+    "dataset: zero requests": ["bench", "dataset", f"{W}/set.jsonl", "--requests", "0", "--vocab-size", "100"],
+    # serving
+    "serve: no such engine": ["serve", f"{W}/nope"],
+    "serve: not an engine": ["serve", f"{W}/not-an-engine"],
+    "triton-repo: not an engine": ["serve", "triton-repo", f"{W}/not-an-engine", f"{W}/repo"],
+}
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, place, monkeypatch, capsys):
+    args = [a.format(**{k: str(v) for k, v in place.items()}) for a in CASES[case]]
+    work, before = place["work"], _tree(place["work"])
+    models = {k: _tree(place[k]) for k in ("teacher", "student")}
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["compactlm", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err and lines, err
+    assert lines[-1].startswith("error:") or "Usage:" in err or "Error" in err, err
+    if lines[-1].startswith("error:"):
+        assert len(lines) == 1, err  # one line, whatever came before (a progress bar) aside
+    assert _tree(work) == before, "the bad command left something behind"
+    assert {k: _tree(place[k]) for k in ("teacher", "student")} == models
+
+
+def test_the_suite_covers_every_command_group():
+    groups = {
+        tuple(args[:2]) if args[0] in ("compress", "engines", "bench", "models", "serve") else (args[0],)
+        for args in CASES.values()
+    }
+    assert len(CASES) >= 60
+    assert {
+        ("run",),
+        ("compress", "prune"),
+        ("compress", "distill"),
+        ("engines", "build"),
+        ("bench", "measure"),
+    } <= groups
+    assert json.dumps(sorted(CASES))  # names are plain text
