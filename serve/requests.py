@@ -79,6 +79,12 @@ class TextDecoder:
         return new
 
 
+def longest_token(tokenizer) -> int:
+    """The most characters one token of `tokenizer` stands for (its longest vocabulary entry; byte-level entries are
+    one character per byte, so no token decodes to more): a text of N characters holds at least N / this tokens."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+
+
 class GenerationService:
     """An engine as the server sees it: validated prompts, submitted requests, text, counters."""
 
@@ -92,6 +98,11 @@ class GenerationService:
             self._tokenizer = engine.tokenizer
         except CompactLMError:
             self._tokenizer = None
+        self.max_prompt_chars = None
+        """Text longer than this holds more tokens than the engine takes, whatever it says: refused untokenized, so
+        that a huge prompt never holds the tokenizer (and the requests behind it) for seconds."""
+        if self._tokenizer is not None:
+            self.max_prompt_chars = engine.limits.max_input_len * longest_token(self._tokenizer)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -106,6 +117,12 @@ class GenerationService:
                 raise BadRequest("the prompt is empty")
             if self._tokenizer is None:
                 raise BadRequest("this engine has no tokenizer: send the prompt as token ids")
+            if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+                tokens = self.engine.limits.max_input_len
+                raise BadRequest(
+                    f"the prompt is {len(text):,} characters: more than the {tokens} input tokens this engine takes "
+                    f"can hold (a token here stands for at most {self.max_prompt_chars // tokens} characters)"
+                )
             with self._tokenizer_lock:
                 ids = self._tokenizer(text)["input_ids"]
             if not ids:
