@@ -60,10 +60,6 @@ def default(cls, name: str, value):
     return field(default=value, metadata=parent.metadata)
 
 
-def help_of(cls, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
 def parse_yaml(text: str):
     """Values from YAML text with the loader every compactlm file is read with (safe, YAML 1.2 floats)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
@@ -132,12 +128,11 @@ def _lines(node, origin: str, prefix: str = "") -> dict[str, str]:
     return found
 
 
-def overlay(base: Located, top: Located, prefix: str = "") -> Located:
+def overlay(base: Located, top: Located) -> Located:
     """`top` laid over `base`: mappings merge key by key, anything else replaces; `where` follows the values."""
     data = _copy(base.data)
     where = dict(base.where)
-    target = _descend(data, prefix)
-    _merge(target, top.data, where, top.where, prefix)
+    _merge(data, top.data, where, top.where, "")
     return Located(data, where, base.origin)
 
 
@@ -147,12 +142,6 @@ def _copy(value):
     if isinstance(value, list):
         return [_copy(v) for v in value]
     return value
-
-
-def _descend(data: dict, prefix: str) -> dict:
-    for part in filter(None, prefix.split(".")):
-        data = data.setdefault(part, {})
-    return data
 
 
 def _merge(base: dict, top: dict, where: dict, top_where: dict, prefix: str) -> None:

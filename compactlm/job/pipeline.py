@@ -127,7 +127,8 @@ def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
     paths = Paths(out)
     for folder in ("models", "engines", "sweep", "eval", "importance"):
         (out / folder).mkdir(exist_ok=True)
-    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(_plain(recipe), sort_keys=False))
+    with atomic_file(out / "recipe.resolved.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(_plain(recipe), sort_keys=False))
     console.print(
         f"[bold]{recipe.name}[/] (budget {recipe.budget}) -> {out}: {len(job.plan)} stages, "
         f"estimated {sum(job.plan.values()) / 60:.0f} min on a 2-core CPU"
