@@ -49,6 +49,13 @@ class ServeConfig:
     """Where tritonserver writes its log (default: a file in a fresh temporary folder)."""
     drain_s: float = 10.0
     """On stop: how long requests in flight get to finish."""
+    triton: bool = True
+    """False serves the OpenAI front alone (no tritonserver: seconds to start, no PyTriton needed)."""
+    max_queue: int | None = None
+    """OpenAI front: engine requests in flight beyond which a request gets 429 (default 16x max_batch_size, at
+    least 256)."""
+    body_timeout_s: float = 30.0
+    """OpenAI front: a request body not complete this long after its headers gets 408."""
 
     def __post_init__(self):
         ports = [self.http_port, self.grpc_port, self.metrics_port] + (
@@ -65,6 +72,12 @@ class ServeConfig:
             raise CompactLMError("max_queue_delay_us must be >= 0")
         if self.stream_instances is not None and self.stream_instances < 1:
             raise CompactLMError(f"stream_instances must be at least 1, got {self.stream_instances}")
+        if not self.triton and self.openai_port is None:
+            raise CompactLMError("nothing to serve: the OpenAI front is off and so is Triton")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise CompactLMError(f"max_queue must be at least 1, got {self.max_queue}")
+        if not self.body_timeout_s > 0:
+            raise CompactLMError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
 
 
 def python_libdir() -> str:
@@ -127,8 +140,8 @@ class Server:
         from compactlm.serve.requests import GenerationService
         from compactlm.serve.triton_models import TritonModels
 
-        Triton, TritonConfig = _import_pytriton()
         cfg = self.config
+        Triton, TritonConfig = _import_pytriton() if cfg.triton else (None, None)
         self.engine = load_engine(self.engine_dir)
         limit = self.engine.limits.max_batch_size
         if cfg.max_batch_size is not None and cfg.max_batch_size > limit:
@@ -139,12 +152,18 @@ class Server:
         try:
             name = cfg.model_name or self.engine_dir.resolve().name
             self.service = GenerationService(self.engine, name)
-            instances = cfg.stream_instances or max(1, -(-limit // 8))
-            self.models = TritonModels(self.service, cfg.max_batch_size or limit, cfg.max_queue_delay_us, instances)
+            if cfg.triton:
+                instances = cfg.stream_instances or max(1, -(-limit // 8))
+                self.models = TritonModels(self.service, cfg.max_batch_size or limit, cfg.max_queue_delay_us, instances)
             if cfg.openai_port is not None:  # bind first: a taken port fails before Triton starts
-                from compactlm.serve.openai_api import OpenAIRoute
+                from compactlm.serve.openai_api.app import FrontLimits
+                from compactlm.serve.openai_api.route import OpenAIRoute
 
-                self.route = OpenAIRoute(self.service, cfg.host, cfg.openai_port, name)
+                limits = FrontLimits(max_queue=cfg.max_queue, body_timeout_s=cfg.body_timeout_s)
+                self.route = OpenAIRoute(self.service, cfg.host, cfg.openai_port, name, limits)
+            if not cfg.triton:
+                self.route.start()
+                return self
             self.log_file = cfg.log_file or Path(tempfile.mkdtemp(prefix="compactlm-serve-")) / "tritonserver.log"
             ensure_library_path()
             self.triton = Triton(
@@ -176,17 +195,22 @@ class Server:
 
     @property
     def alive(self) -> bool:
+        if not self.config.triton:
+            return self.route is not None
         return self.triton is not None and self.triton.is_alive()
 
     def endpoints(self) -> dict[str, str]:
         cfg = self.config
-        urls = {
-            "triton http": f"http://{cfg.host}:{cfg.http_port}",
-            "triton grpc": f"{cfg.host}:{cfg.grpc_port}",
-            "metrics": f"http://{cfg.host}:{cfg.metrics_port}/metrics",
-        }
+        urls = {}
+        if cfg.triton:
+            urls = {
+                "triton http": f"http://{cfg.host}:{cfg.http_port}",
+                "triton grpc": f"{cfg.host}:{cfg.grpc_port}",
+                "metrics": f"http://{cfg.host}:{cfg.metrics_port}/metrics",
+            }
         if self.route is not None:
             urls["openai"] = f"http://{cfg.host}:{self.route.port}/v1"
+            urls["openai metrics"] = f"http://{cfg.host}:{self.route.port}/metrics"
         return urls
 
     def stop(self, wait_children_s: float = 30.0) -> str:

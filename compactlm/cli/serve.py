@@ -60,9 +60,20 @@ def start(
         str | None, typer.Option(help="Model name on the OpenAI route (default: the engine folder's name).")
     ] = None,
     log_file: Annotated[Path | None, typer.Option(help="tritonserver's log (default: a temporary file).")] = None,
+    triton: Annotated[
+        bool, typer.Option(help="Serve Triton too; --no-triton serves the OpenAI API alone (starts in seconds).")
+    ] = True,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(help="OpenAI API: requests in flight beyond which it answers 429 [16x max batch, >= 256]."),
+    ] = None,
+    body_timeout: Annotated[
+        float, typer.Option(help="OpenAI API: seconds a request body may take to arrive before a 408.")
+    ] = 30.0,
 ) -> None:
     """Serve ENGINE on a real Triton server until Ctrl-C or SIGTERM: models `compactlm` (streaming) and
-    `compactlm_full` (whole completion, dynamic batching), plus OpenAI's /v1/completions."""
+    `compactlm_full` (whole completion, dynamic batching), plus an OpenAI-compatible API (/v1/completions,
+    /v1/chat/completions, /v1/models, /health, Prometheus /metrics)."""
     from compactlm.serve.server import ServeConfig, serve
 
     config = ServeConfig(
@@ -76,6 +87,9 @@ def start(
         stream_instances=stream_instances,
         model_name=model_name,
         log_file=log_file,
+        triton=triton,
+        max_queue=max_queue,
+        body_timeout_s=body_timeout,
     )
 
     def ready(server) -> None:
@@ -83,14 +97,14 @@ def start(
         console.print(f"[green]serving[/] {engine} ({manifest.describe()})", highlight=False)
         for name, url in server.endpoints().items():
             console.print(f"  {name:12s} {url}", highlight=False)
-        console.print(
-            f"  tritonserver log: {server.log_file}; stop with Ctrl-C or SIGTERM", highlight=False, soft_wrap=True
-        )
+        where = f"tritonserver log: {server.log_file}; " if server.log_file else ""
+        console.print(f"  {where}stop with Ctrl-C or SIGTERM", highlight=False, soft_wrap=True, markup=False)
 
     from compactlm.engines.manifest import read_manifest
 
     read_manifest(engine)  # an engine folder, before anything starts
-    console.print(f"starting Triton for {engine} ...", highlight=False, soft_wrap=True)
+    what = "Triton and the OpenAI API" if triton else "the OpenAI API"
+    console.print(f"starting {what} for {engine} ...", highlight=False, soft_wrap=True, markup=False)
     summary = serve(engine, config, on_ready=ready)
     console.print(summary, highlight=False, soft_wrap=True)
 

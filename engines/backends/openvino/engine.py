@@ -27,7 +27,7 @@ from compactlm.core.errors import CompactLMError
 from compactlm.engines.backend import Backend
 from compactlm.engines.config import BuildConfig
 from compactlm.engines.manifest import Manifest
-from compactlm.engines.runtime import Engine
+from compactlm.engines.runtime import Capabilities, Engine
 
 if TYPE_CHECKING:
     from compactlm.compress.checkpoint import Checkpoint
@@ -126,6 +126,10 @@ def calibration_texts(checkpoint: Checkpoint, config: BuildConfig) -> list[str] 
 
 
 class OpenVINOEngine(Engine):
+    # OpenVINO GenAI samples per request (seeded), applies OpenAI's penalties, and returns the chosen token's
+    # log-probability only ("any logprobs > 1 is treated as 1"); it cannot score a prompt.
+    capabilities = Capabilities(sampling=True, penalties=True, logprobs=True, top_logprobs=0)
+
     def __init__(self, path: Path, manifest: Manifest, scheduler: dict | None = None, properties: dict | None = None):
         super().__init__(path, manifest)
         ov, genai = _import_genai()
@@ -152,10 +156,26 @@ class OpenVINOEngine(Engine):
         config = self._genai.GenerationConfig()
         config.max_new_tokens = request.max_new_tokens
         config.ignore_eos = request.ignore_eos
+        config.min_new_tokens = min(request.min_new_tokens, request.max_new_tokens)
         config.do_sample = False
         if self.eos_token_ids:
             config.eos_token_id = self.eos_token_ids[0]
-            config.stop_token_ids = set(self.eos_token_ids)
+        stop = self.stop_ids(request) or set(self.eos_token_ids)
+        if stop:
+            config.stop_token_ids = stop
+        sampling = request.sampling
+        if sampling is not None:
+            config.do_sample = True
+            config.temperature = sampling.temperature
+            config.top_p = sampling.top_p
+            if sampling.top_k:
+                config.top_k = sampling.top_k
+            if sampling.seed is not None:
+                config.rng_seed = sampling.seed % (1 << 32)
+            config.presence_penalty = sampling.presence_penalty
+            config.frequency_penalty = sampling.frequency_penalty
+        if request.logprobs is not None:
+            config.logprobs = 1
         return config
 
     def _serve(self) -> None:
@@ -183,12 +203,25 @@ class OpenVINOEngine(Engine):
                 return
             if not active:
                 continue
+            for request_id, (handle, stream, _) in list(active.items()):
+                if stream.cancelled:  # its client left: free its slot and its KV cache now
+                    handle.cancel()
+                    stream.finish("cancelled")
+                    del active[request_id]
+            if not active:
+                continue
             self._pipe.step()
             now = time.perf_counter()
+            self._metrics = self._pipe.get_metrics()
             for request_id, (handle, stream, reason) in list(active.items()):
                 if handle.can_read():
                     for output in handle.read().values():
-                        stream.push(output.generated_ids, now)
+                        if stream.request.logprobs is None:
+                            stream.push(output.generated_ids, now)
+                        else:
+                            logprobs = list(output.generated_log_probs)
+                            top = [{t: p} for t, p in zip(output.generated_ids, logprobs, strict=False)]
+                            stream.push(output.generated_ids, now, logprobs, top if stream.request.logprobs else None)
                         if output.finish_reason == stop:
                             reason[0] = "stop"
                 status = handle.get_status()
@@ -198,6 +231,18 @@ class OpenVINOEngine(Engine):
                 elif status == finished:
                     stream.finish(reason[0])
                     del active[request_id]
+
+    def load(self) -> dict:
+        """Running and waiting requests and KV-cache use, as the pipeline reported them after its last step."""
+        metrics = getattr(self, "_metrics", None)
+        if metrics is None:
+            return super().load()
+        queued = self._inbox.qsize()
+        return {
+            "running": metrics.scheduled_requests,
+            "waiting": max(0, metrics.requests - metrics.scheduled_requests) + queued,
+            "kv_cache_usage": metrics.cache_usage / 100.0,
+        }
 
     def _release(self) -> None:
         self._pipe = None

@@ -163,8 +163,6 @@ def test_the_openai_route_takes_many_connections_at_once(server, expected):
     for t in threads:
         t.join(120)
     assert [results.get(i) for i in range(48)] == [(200, tokens[0][:2])] * 48
-    # a busy server accepts late: socketserver's default backlog of 5 reset clients in a 32-stream benchmark
-    assert server.route.httpd.request_queue_size >= 128
 
 
 def _metric(port: int, name: str, model: str) -> float:
@@ -201,14 +199,14 @@ BAD_OPENAI = [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
     (b"", 400, "no body"),
-    ({"max_tokens": 4}, 400, "missing 'prompt'"),
+    ({"max_tokens": 4}, 400, "missing field 'prompt'"),
     ({"prompt": "", "max_tokens": 4}, 400, "the prompt is empty"),
     ({"prompt": [], "max_tokens": 4}, 400, "the prompt is empty"),
-    ({"prompt": [1, 2], "max_tokens": 0}, 400, "'max_tokens' must be at least 1"),
-    ({"prompt": [1, 2], "max_tokens": "8"}, 400, "'max_tokens' must be an integer"),
+    ({"prompt": [1, 2], "max_tokens": 0}, 400, "max_tokens 0 generates nothing"),
+    ({"prompt": [1, 2], "max_tokens": "8"}, 400, "'max_tokens': Input should be a valid integer"),
     ({"prompt": list(range(49)), "max_tokens": 4}, 400, "max_input_len 48"),
-    ({"prompt": [1, 2], "max_tokens": 4, "n": 2}, 400, "'n' above 1"),
-    ({"prompt": [1, 2], "max_tokens": 4, "stop": ["\n"]}, 400, "stop sequences"),
+    ({"prompt": [1, 2], "max_tokens": 4, "n": 17}, 400, "'n': Input should be less than or equal to 16"),
+    ({"prompt": [1, 2], "max_tokens": 4, "stop": list("abcde")}, 400, "at most 4 stop sequences"),
     ({"prompt": [1, 2], "model": "gpt-4"}, 404, "does not exist"),
 ]
 
@@ -256,7 +254,7 @@ def test_serve_cli_runs_by_default_and_refuses_a_missing_engine(tmp_path):
 
 def test_a_route_that_never_started_stops_at_once(engine_dir):
     """Server.start stops what it made when Triton fails to start; the OpenAI route was made but not started."""
-    from compactlm.serve.openai_api import OpenAIRoute
+    from compactlm.serve.openai_api.route import OpenAIRoute
     from compactlm.serve.requests import GenerationService
 
     with load_engine(engine_dir) as engine:
