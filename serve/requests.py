@@ -94,22 +94,36 @@ class ServeStats:
 
 
 class TextDecoder:
-    """The text of a growing token list, handed out as deltas. A trailing incomplete UTF-8 character (decoded as
-    U+FFFD) is held back until the tokens that complete it arrive."""
+    """The text of a growing token list, handed out as deltas, decoding only a short window at each step (the
+    incremental detokenization vLLM and TGI use): the last few tokens already sent give the context that the new
+    ones' text depends on (leading spaces, merged bytes). A trailing incomplete UTF-8 character (decoded as U+FFFD)
+    is held back until the tokens that complete it arrive."""
+
+    CONTEXT = 5
+    """Tokens of context before the new ones: enough for byte-level merges and SentencePiece's spaces."""
 
     def __init__(self, service: GenerationService):
         self.service = service
         self.tokens: list[int] = []
-        self.sent = ""
+        self.prefix = 0
+        """Where the context window starts."""
+        self.read = 0
+        """Tokens before this have been handed out as text."""
 
     def delta(self, tokens: Sequence[int], final: bool = False) -> str:
         self.tokens.extend(tokens)
-        text = self.service.decode(self.tokens)
-        if text.endswith("\ufffd") and not final:
-            text = text[:-1]
-        if len(text) <= len(self.sent):
+        if self.read == len(self.tokens):
             return ""
-        new, self.sent = text[len(self.sent) :], text
+        window = self.tokens[self.prefix :]
+        before = self.service.decode(self.tokens[self.prefix : self.read])
+        text = self.service.decode(window)
+        if text.endswith("\ufffd") and not final:
+            return ""  # an incomplete character: wait for the token that completes it
+        if len(text) <= len(before) and not final:
+            return ""
+        new = text[len(before) :]
+        self.read = len(self.tokens)
+        self.prefix = max(0, self.read - self.CONTEXT)
         return new
 
 

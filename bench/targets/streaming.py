@@ -123,7 +123,8 @@ def _read_events(response: http.client.HTTPResponse) -> Iterator[str]:
 
 
 class OpenAITarget(_RemoteTarget):
-    """An OpenAI-compatible server's streaming `/v1/completions`, with the prompt as token ids."""
+    """An OpenAI-compatible server's streaming `/v1/completions` (the prompt as token ids), or its
+    `/v1/chat/completions` (a URL ending in it; the prompt's text as one user message, which needs a tokenizer)."""
 
     kind = "openai"
 
@@ -139,7 +140,12 @@ class OpenAITarget(_RemoteTarget):
         name: str | None = None,
     ):
         url = url.rstrip("/")
-        self._base = urlsplit(url).path.removesuffix("/v1")
+        path = urlsplit(url).path
+        self.route = "chat" if path.endswith("/chat/completions") else "completions"
+        path = path.removesuffix("/chat/completions").removesuffix("/completions")
+        self._base = path.removesuffix("/v1")
+        if self.route == "chat" and tokenizer is None:
+            raise CompactLMError("the chat route takes text: give --tokenizer (the served model's tokenizer folder)")
         super().__init__(name or model or "openai", url, vocab_size, tokenizer, timeout, workers)
         self.model = model or self._served_model()
         if name is None:
@@ -158,10 +164,12 @@ class OpenAITarget(_RemoteTarget):
         finally:
             conn.close()
 
+    def describe(self) -> dict:
+        return {**super().describe(), "route": self.route}
+
     def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
         body = {
             "model": self.model,
-            "prompt": list(item.input_ids),
             "max_tokens": item.output_tokens,
             "min_tokens": item.output_tokens,
             "ignore_eos": True,
@@ -169,8 +177,15 @@ class OpenAITarget(_RemoteTarget):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.route == "chat":
+            text = self._tokenizer.decode(list(item.input_ids), skip_special_tokens=True)
+            body["messages"] = [{"role": "user", "content": text}]
+            body["max_completion_tokens"] = body.pop("max_tokens")
+        else:
+            body["prompt"] = list(item.input_ids)
         finish_reason, usage, done = None, None, False
-        for data in _read_events(self._post(f"{self._base}/v1/completions", body)):
+        path = "/v1/chat/completions" if self.route == "chat" else "/v1/completions"
+        for data in _read_events(self._post(f"{self._base}{path}", body)):
             now = time.perf_counter()
             if data.strip() == "[DONE]":
                 done = True
@@ -181,7 +196,10 @@ class OpenAITarget(_RemoteTarget):
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or ():
                 ids = choice.get("token_ids")
-                times.extend([now] * (len(ids) if isinstance(ids, list) else 1))
+                if isinstance(ids, list):
+                    times.extend([now] * len(ids))
+                elif "delta" not in choice or (choice["delta"] or {}).get("content"):
+                    times.append(now)  # a chunk of text: one token until usage says otherwise
                 finish_reason = choice.get("finish_reason") or finish_reason
         if not done:
             raise ConnectionError("the stream ended without [DONE]")

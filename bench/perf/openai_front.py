@@ -1,0 +1,213 @@
+"""The OpenAI front's cost, side by side in one run: the same engine in-process, behind the FastAPI + uvicorn front
+(`compactlm serve --no-triton`), and behind the front it replaced (the standard library's threading http.server,
+`serve/openai_api.py` as of --baseline-ref, loaded from git so that the baseline is the real one, not a copy).
+
+ISL/OSL 128/128, fresh random prompts, EOS ignored, closed-loop concurrency 1, 8 and 32; every round measures all
+three at every concurrency, interleaved, so that drift on a shared machine hits all alike; the reported figure is
+each point's median over the rounds. Both servers run in their own processes (their engines idle while another
+target is measured); the load generator is `compactlm bench measure` in a third.
+
+    python -m compactlm.bench.perf.openai_front --engine ENGINE_DIR [--rounds 3] [--out docs/bench/openai_front.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+BASELINE_REF = "39e522e"
+"""The last commit whose OpenAI route was the http.server one."""
+CONCURRENCY = (1, 8, 32)
+
+
+def serve_baseline(engine: Path, port: int, ref: str) -> None:
+    """Serve ENGINE with the OpenAI route of commit REF until SIGTERM (this process: the baseline server)."""
+    from compactlm.engines.registry import load_engine
+    from compactlm.serve.requests import GenerationService
+
+    source = subprocess.run(
+        ["git", "show", f"{ref}:serve/openai_api.py"], check=True, capture_output=True, text=True
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="baseline-front-")) / "baseline_openai_api.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_openai_api", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with load_engine(engine) as loaded:
+        route = module.OpenAIRoute(GenerationService(loaded, engine.name), "127.0.0.1", port, engine.name)
+        route.start()
+        print(f"baseline front of {ref} on :{port}", flush=True)
+        stop.wait()
+        route.stop(2)
+
+
+def _wait(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a server exited with {proc.returncode} before it was ready")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing answered on :{port}")
+
+
+def _cpu_s(proc) -> float:
+    """User + system CPU seconds of a server process and its threads so far (0 for the in-process target)."""
+    if proc is None:
+        return 0.0
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", default="4x", help="Measured requests per point (bench measure --requests).")
+    parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/openai_front.json"))
+    parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_baseline:
+        serve_baseline(args.engine, args.serve_baseline, args.baseline_ref)
+        return
+
+    import pandas as pd
+
+    from compactlm.core.host import host_info
+    from compactlm.core.io import write_json
+    from compactlm.engines.manifest import read_manifest
+
+    bin_dir = Path(sys.executable).parent
+    new_port, old_port = _free_ports(2)
+    table = args.out.with_suffix(".parquet")
+    table.unlink(missing_ok=True)
+    logs = [open(args.out.with_suffix(f".{n}.log"), "w") for n in ("fastapi", "baseline")]  # noqa: SIM115
+    servers = [
+        subprocess.Popen(
+            [str(bin_dir / "compactlm"), "serve", str(args.engine), "--no-triton", "--openai-port", str(new_port)],
+            stdout=logs[0],
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "compactlm.bench.perf.openai_front", "--engine", str(args.engine)]
+            + ["--serve-baseline", str(old_port), "--baseline-ref", args.baseline_ref],
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
+        ),
+    ]
+    targets = {
+        "in-process": str(args.engine),
+        "fastapi": f"http://127.0.0.1:{new_port}",
+        "http.server": f"http://127.0.0.1:{old_port}",
+    }
+    import psutil
+
+    cpu = {"fastapi": psutil.Process(servers[0].pid), "http.server": psutil.Process(servers[1].pid)}
+    spent: dict[tuple[str, int], list[float]] = {}
+    try:
+        for port, proc in zip((new_port, old_port), servers, strict=True):
+            _wait(port, proc)
+        for round_ in range(args.rounds):
+            for concurrency in CONCURRENCY:
+                for name, spec in targets.items():
+                    command = [str(bin_dir / "compactlm"), "bench", "measure", spec, "--isl", "128", "--osl", "128"]
+                    command += ["--concurrency", str(concurrency), "--requests", args.requests, "--warmup", "4"]
+                    command += ["--out", str(table), "--name", name, "--seed", str(round_)]
+                    if spec.startswith("http"):
+                        command += ["--tokenizer", str(args.engine / "tokenizer")]
+                    print(f"round {round_ + 1}/{args.rounds}: {name} at concurrency {concurrency}", flush=True)
+                    before = _cpu_s(cpu.get(name))
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                    if name in cpu:
+                        spent.setdefault((name, concurrency), []).append(_cpu_s(cpu[name]) - before)
+    finally:
+        for proc in servers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in servers:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
+
+    rows = pd.read_parquet(table)
+    columns = ["request_throughput", "output_throughput", "ttft_ms_p50", "ttft_ms_p99", "errors"]
+    points = rows.groupby(["target", "concurrency"])[columns].median().reset_index()
+    spread = rows.groupby(["target", "concurrency"])["request_throughput"].agg(["min", "max"]).reset_index()
+    points = points.merge(spread, on=["target", "concurrency"])
+    summary = []
+    for concurrency in CONCURRENCY:
+        at = points[points["concurrency"] == concurrency].set_index("target")
+        base = at.loc["in-process", "request_throughput"]
+        for name in targets:
+            row = at.loc[name]
+            summary.append(
+                {
+                    "target": name,
+                    "concurrency": concurrency,
+                    "req_per_s": round(float(row["request_throughput"]), 4),
+                    "req_per_s_range": [round(float(row["min"]), 4), round(float(row["max"]), 4)],
+                    "out_tok_per_s": round(float(row["output_throughput"]), 1),
+                    "ttft_ms_p50": round(float(row["ttft_ms_p50"]), 1),
+                    "ttft_ms_p99": round(float(row["ttft_ms_p99"]), 1),
+                    "vs_in_process": round(float(row["request_throughput"] / base), 3),
+                    "errors": int(row["errors"]),
+                    "server_cpu_s_per_point": (
+                        round(sorted(spent[(name, concurrency)])[len(spent[(name, concurrency)]) // 2], 2)
+                        if (name, concurrency) in spent
+                        else None
+                    ),
+                }
+            )
+    manifest = read_manifest(args.engine)
+    write_json(
+        args.out,
+        {
+            "what": "OpenAI front cost: in-process vs FastAPI+uvicorn vs the old http.server front, one run",
+            "engine": str(args.engine),
+            "engine_desc": manifest.describe(),
+            "workload": {"isl": 128, "osl": 128, "prompts": "random", "ignore_eos": True, "requests": args.requests},
+            "rounds": args.rounds,
+            "baseline_ref": args.baseline_ref,
+            "host": host_info(),
+            "points": summary,
+        },
+    )
+    for row in summary:
+        print(
+            f"c={row['concurrency']:>2} {row['target']:12s} {row['req_per_s']:.3f} req/s "
+            f"({row['vs_in_process']:.3f}x in-process), TTFT p50 {row['ttft_ms_p50']:.0f} ms p99 "
+            f"{row['ttft_ms_p99']:.0f} ms, {row['errors']} errors, server CPU {row['server_cpu_s_per_point']} s"
+        )
+    print(f"wrote {args.out} and {table}")
+
+
+if __name__ == "__main__":
+    main()
