@@ -14,16 +14,18 @@ from compactlm.engines.build import build_engine
 from compactlm.engines.config import BuildConfig, Limits
 from compactlm.engines.manifest import Manifest, read_manifest
 from compactlm.engines.registry import get_backend, list_backends, load_engine
-from compactlm.engines.runtime import Completion, Engine, Request, RequestStream
+from compactlm.engines.runtime import Capabilities, Completion, Engine, Request, RequestStream, Sampling
 
 __all__ = [
     "BuildConfig",
+    "Capabilities",
     "Completion",
     "Engine",
     "Limits",
     "Manifest",
     "Request",
     "RequestStream",
+    "Sampling",
     "build_engine",
     "get_backend",
     "list_backends",

@@ -200,3 +200,46 @@ def test_fused_qkv_engine_gives_the_stock_engines_tokens_and_the_benchmark_rebui
     assert (tiny["cpu"] / "engine.json").read_text() == built
     ensure_engine(tiny["ckpt"], fused, "fp32", LIMITS)
     assert read_manifest(fused).backend_info["fused_qkv_layers"] == 0
+
+
+def test_both_engines_sample_by_seed_stop_on_ids_hold_min_tokens_and_give_logprobs(tiny):
+    """What the OpenAI API asks of an engine: seeded sampling (the same tokens for the same seed, whatever is batched
+    beside it), extra stop ids, min_new_tokens, the chosen tokens' log-probabilities (the model's log-softmax), and
+    cancellation; the cpu engine refuses what it cannot do (prompt scores) at submit."""
+    from compactlm.engines import Sampling
+
+    prompt = tuple(prompts_of(seed=9)[3])
+    ids = torch.tensor([list(prompt)])
+    for backend in ("cpu", "torch"):
+        with load_engine(tiny[backend]) as engine:
+            sampling = Sampling(temperature=1.3, top_p=0.95, seed=11)
+            alone = engine.submit(Request(prompt, 16, sampling=sampling)).result().tokens
+            crowd = [engine.submit(Request(prompt, 16, sampling=Sampling(temperature=1.3, seed=s))) for s in range(4)]
+            again = engine.submit(Request(prompt, 16, sampling=sampling))
+            assert again.result().tokens == alone, backend
+            assert len({tuple(c.result().tokens) for c in crowd}) > 1, backend  # seeds differ, tokens differ
+
+            (greedy,) = engine.generate([prompt], 12, ignore_eos=True)
+            first = greedy.tokens[0]
+            quick = engine.submit(Request(prompt, 12, ignore_eos=False, stop_token_ids=(first,))).result()
+            assert quick.tokens == [first] and quick.finish_reason == "stop", backend
+            held = engine.submit(Request(prompt, 12, ignore_eos=False, stop_token_ids=(first,), min_new_tokens=4))
+            assert first not in held.result().tokens[:4], backend
+
+            scored = engine.submit(Request(prompt, 6, logprobs=0)).result()
+            with torch.no_grad():
+                logits = tiny["model"](torch.cat([ids, torch.tensor([scored.tokens[:-1]])], dim=1)).logits[0]
+            want = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 :].gather(
+                1, torch.tensor(scored.tokens)[:, None]
+            )
+            assert scored.logprobs == pytest.approx(want[:, 0].tolist(), abs=2e-3), backend
+
+            long = engine.submit(Request(prompt, 60, ignore_eos=True))
+            long.cancel()
+            done = long.result(timeout=60)
+            assert done.finish_reason == "cancelled" and len(done.tokens) < 60, backend
+    with load_engine(tiny["cpu"]) as engine:
+        with pytest.raises(CompactLMError, match="cannot score the prompt"):
+            engine.submit(Request(prompt, 2, prompt_logprobs=1))
+        with pytest.raises(CompactLMError, match="alternatives"):
+            engine.submit(Request(prompt, 2, logprobs=2))

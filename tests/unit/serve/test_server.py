@@ -32,9 +32,18 @@ pytest.importorskip("pytriton", reason="serving needs nvidia-pytriton (a depende
 NEW = 12
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    return tiny_engine(tmp_path_factory.mktemp("serve"))
+    folder = tiny_engine(tmp_path_factory.mktemp("serve"))
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": CHAT_TEMPLATE}))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +102,21 @@ def test_every_front_gives_the_in_process_greedy_tokens(server, expected):
     body = json.loads(raw)
     assert status == 200 and body["choices"][0]["token_ids"] == tokens[0]
     assert body["usage"] == {"prompt_tokens": len(prompts[0]), "completion_tokens": NEW, "total_tokens": 6 + NEW}
+
+    # chat: the templated prompt's greedy tokens, the same through Triton gRPC and in-process
+    messages = [{"role": "user", "content": "the model reads a page"}]
+    chat_ids = server.service.chat_prompt(messages)
+    (in_process,) = server.engine.generate([chat_ids], NEW, ignore_eos=True)
+    stream = GrpcStream(cfg.grpc_port)
+    try:
+        assert stream.generate(ids=list(chat_ids), max_tokens=NEW)[0] == in_process.tokens
+    finally:
+        stream.close()
+    chat = {"messages": messages, "max_completion_tokens": NEW, "ignore_eos": True, "temperature": 0}
+    status, raw = post(cfg.openai_port, "/v1/chat/completions", chat)
+    reply = json.loads(raw)
+    assert status == 200 and reply["choices"][0]["message"]["content"] == server.service.decode(in_process.tokens)
+    assert reply["usage"]["prompt_tokens"] == len(chat_ids) and reply["usage"]["completion_tokens"] == NEW
 
 
 def test_text_in_gives_the_tokens_of_the_tokenized_prompt_and_their_text(server, engine_dir):
