@@ -58,3 +58,40 @@ def test_served_smollm2_gives_in_process_tokens_and_text(engine_dir):
             assert got[0] == tokens and got[1] == text and got[2] == "length"
         status, raw = post(openai, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": NEW, "ignore_eos": True})
         assert status == 200 and json.loads(raw)["choices"][0]["text"] == texts[1]
+
+
+def test_chat_through_the_openai_sdk_uses_smollm2s_template_and_scores_like_the_model(engine_dir):
+    """The real chat template (inside the GGUF's tokenizer): the reply is the in-process greedy continuation of the
+    templated prompt, streamed or not; echo + logprobs score a text as the model does."""
+    import openai
+    import torch
+
+    from compactlm.serve.openai_api.route import OpenAIRoute
+    from compactlm.serve.requests import GenerationService
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with load_engine(engine_dir) as engine:
+        service = GenerationService(engine, "smol")
+        ids = service.chat_prompt(messages)
+        assert "<|im_start|>assistant" in engine.tokenizer.decode(list(ids))  # SmolLM2's ChatML template
+        (done,) = engine.generate([ids], NEW, ignore_eos=False)
+        want = service.decode(done.tokens)
+        route = OpenAIRoute(service, "127.0.0.1", 0, "smol")
+        route.start()
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{route.port}/v1", api_key="none", max_retries=0)
+            reply = client.chat.completions.create(model="smol", messages=messages, max_tokens=NEW, temperature=0)
+            assert reply.choices[0].message.content == want and "Paris" in want
+            chunks = client.chat.completions.create(model="smol", messages=messages, max_tokens=NEW, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+
+            text = "The Python standard library includes modules for files."
+            scored = client.completions.create(model="smol", prompt=text, max_tokens=0, echo=True, logprobs=0)
+            prompt = torch.tensor([engine.tokenizer(text)["input_ids"]])
+            with torch.no_grad():
+                logp = torch.log_softmax(engine.model(prompt).logits[0, :-1].float(), -1)
+            expect = logp.gather(1, prompt[0, 1:, None])[:, 0].tolist()
+            assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expect, abs=1e-3)
+            assert scored.choices[0].text == text
+        finally:
+            route.stop(drain_s=2)
