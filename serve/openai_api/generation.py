@@ -139,7 +139,10 @@ class Generation:
             if first_end:
                 done = choice.stream.result()
                 self.metrics.completed(done, "stop" if choice.matcher.stopped else None)
-                self.service.finished(FRONT, choice.stream)
+                if choice.matcher.stopped:  # cancelled by us at a stop sequence: a finished request, not a failure
+                    self.service.stats.add(FRONT, tokens=len(done.tokens))
+                else:
+                    self.service.finished(FRONT, choice.stream)
                 self._call(self.admission.release)
             self._call(self._wake.set)
 
