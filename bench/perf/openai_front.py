@@ -25,7 +25,6 @@ from pathlib import Path
 
 BASELINE_REF = "39e522e"
 """The last commit whose OpenAI route was the http.server one."""
-CONCURRENCY = (1, 8, 32)
 
 
 def serve_baseline(engine: Path, port: int, ref: str) -> None:
@@ -89,6 +88,7 @@ def main() -> None:
     parser.add_argument("--engine", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", default="4x", help="Measured requests per point (bench measure --requests).")
+    parser.add_argument("--concurrency", default="1,8,32", help="Comma-separated closed-loop concurrencies.")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/openai_front.json"))
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -98,6 +98,8 @@ def main() -> None:
         return
 
     import pandas as pd
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     from compactlm.core.host import host_info
     from compactlm.core.io import write_json
@@ -134,7 +136,7 @@ def main() -> None:
         for port, proc in zip((new_port, old_port), servers, strict=True):
             _wait(port, proc)
         for round_ in range(args.rounds):
-            for concurrency in CONCURRENCY:
+            for concurrency in concurrencies:
                 for name, spec in targets.items():
                     command = [str(bin_dir / "compactlm"), "bench", "measure", spec, "--isl", "128", "--osl", "128"]
                     command += ["--concurrency", str(concurrency), "--requests", args.requests, "--warmup", "4"]
@@ -163,7 +165,7 @@ def main() -> None:
     spread = rows.groupby(["target", "concurrency"])["request_throughput"].agg(["min", "max"]).reset_index()
     points = points.merge(spread, on=["target", "concurrency"])
     summary = []
-    for concurrency in CONCURRENCY:
+    for concurrency in concurrencies:
         at = points[points["concurrency"] == concurrency].set_index("target")
         base = at.loc["in-process", "request_throughput"]
         for name in targets:
