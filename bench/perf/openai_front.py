@@ -71,18 +71,6 @@ def _cpu_s(proc) -> float:
     return times.user + times.system
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", type=Path, required=True)
@@ -99,6 +87,8 @@ def main() -> None:
 
     import pandas as pd
 
+    from compactlm.bench.perf.serve_soak import free_ports
+
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     from compactlm.core.host import host_info
@@ -106,7 +96,7 @@ def main() -> None:
     from compactlm.engines.manifest import read_manifest
 
     bin_dir = Path(sys.executable).parent
-    new_port, old_port = _free_ports(2)
+    new_port, old_port = free_ports(2)
     table = args.out.with_suffix(".parquet")
     table.unlink(missing_ok=True)
     logs = [open(args.out.with_suffix(f".{n}.log"), "w") for n in ("fastapi", "baseline")]  # noqa: SIM115

@@ -32,7 +32,6 @@ from compactlm.serve.openai_api.responses import (
     completion_logprobs,
     delta_chunk_choice,
     sse,
-    usage,
 )
 from compactlm.serve.openai_api.schema import ChatRequest, CompletionRequest, check_unsupported
 from compactlm.serve.requests import BadRequest, GenerationService
@@ -163,6 +162,16 @@ def make_app(service: GenerationService, model: str, limits: FrontLimits | None 
     async def in_thread(function, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, lambda: function(*args, **kwargs))
 
+    async def run(plan: Plan, prompts: list, body, meta: Meta):
+        """Submit the request's choices: (a streaming response, None) if it streams, else (None, finished choices)."""
+        generation = Generation(service, metrics, admission, plan)
+        generation.start(prompts, body.n)
+        if body.stream:
+            return StreamingResponse(_stream(generation, meta, body, service), media_type="text/event-stream"), None
+        choices = await generation.complete()
+        _raise_engine_error(choices)
+        return None, choices
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         check_body(body)
@@ -185,13 +194,10 @@ def make_app(service: GenerationService, model: str, limits: FrontLimits | None 
         plan = _plan(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
         if echo_scores:
             plan = Plan(**{**plan.__dict__, "prompt_logprobs": body.logprobs, "generate": body.max_tokens != 0})
-        generation = Generation(service, metrics, admission, plan)
-        generation.start(prompts, body.n)
         meta = Meta("completion", model)
-        if body.stream:
-            return StreamingResponse(_stream(generation, meta, body, service), media_type="text/event-stream")
-        choices = await generation.complete()
-        _raise_engine_error(choices)
+        generation, choices = await run(plan, prompts, body, meta)
+        if choices is None:
+            return generation
         out = []
         for choice in choices:
             text = "".join(choice.text)
@@ -237,13 +243,10 @@ def make_app(service: GenerationService, model: str, limits: FrontLimits | None 
             if max_tokens < 1:
                 service.check_lengths(len(prompt), 1)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        generation = Generation(service, metrics, admission, _plan(body, max_tokens, logprobs))
-        generation.start([prompt], body.n)
         meta = Meta("chat", model)
-        if body.stream:
-            return StreamingResponse(_stream(generation, meta, body, service), media_type="text/event-stream")
-        choices = await generation.complete()
-        _raise_engine_error(choices)
+        generation, choices = await run(_plan(body, max_tokens, logprobs), [prompt], body, meta)
+        if choices is None:
+            return generation
         out = []
         for choice in choices:
             done = choice.stream
@@ -438,4 +441,4 @@ async def _respond(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-__all__ = ["FrontLimits", "OpenAIError", "make_app", "usage"]
+__all__ = ["FrontLimits", "OpenAIError", "make_app"]
