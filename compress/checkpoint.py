@@ -142,7 +142,8 @@ def checkpoint_sha256(folder: Path) -> str:
 
 def load_model(name_or_path: str | os.PathLike | Checkpoint, dtype=None):
     """Load a supported causal LM (checkpoint dir or bundled name) in fp32 on CPU, after validating it; a
-    checkpoint quantized by `compress quantize` comes back with its modelopt quantizers (fake-quant)."""
+    checkpoint quantized by `compress quantize` (a unified HF checkpoint) comes back dequantized, its activations
+    rounded as the engine rounds them (compactlm.compress.unified)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -151,7 +152,7 @@ def load_model(name_or_path: str | os.PathLike | Checkpoint, dtype=None):
     path = checkpoint.path
     hf_logging.disable_progress_bar()  # our own progress is shown; a bar per load is noise
     try:
-        if checkpoint.quantized:  # quantized by `compress quantize`: restore its quantizers
+        if checkpoint.quantized:  # a unified quantized checkpoint: dequantized, never unpickled
             from compactlm.compress.quantized import load_quantized
 
             model = load_quantized(path, checkpoint.weights, dtype or torch.float32)
@@ -186,13 +187,15 @@ def save_checkpoint(
     source: str | os.PathLike | None,
     operation: dict,
     extra_files: dict[str, object] | None = None,
+    write_weights=None,
     overwrite: bool = False,
 ) -> Path:
     """Write `model` as a standard HF checkpoint (safetensors) with the tokenizer of `source` and a record.
 
     `compactlm.json` holds the parent's record plus this `operation` appended to its history, so the lineage
     of a model is read from beside its weights, never inferred from its path. `extra_files` maps a file name
-    to a callable that writes it into the folder (e.g. kept indices as safetensors).
+    to a callable that writes it into the folder (e.g. kept indices as safetensors). `write_weights(folder)`
+    replaces `model.save_pretrained` (the quantized export writes the unified HF checkpoint).
     """
     out = Path(out).expanduser()
     record = new_record(source, operation)
@@ -201,7 +204,7 @@ def save_checkpoint(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         hf_logging.disable_progress_bar()
         try:
-            model.save_pretrained(tmp)
+            (write_weights or model.save_pretrained)(tmp)
         finally:
             hf_logging.enable_progress_bar()
         if source:

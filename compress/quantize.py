@@ -1,16 +1,11 @@
 """Post-training quantization with nvidia-modelopt: FP8 (E4M3), INT8 SmoothQuant, INT4 AWQ, calibrated on text.
 
 On CPU modelopt quantizes by simulation ("fake quant"): weights and activations are rounded to the format's grid
-in every forward, so `compress eval` measures the accuracy cost; the real low-precision kernels run in the
-engines (`compactlm engines build --backend trtllm --precision fp8|int8-sq|int4-awq`, which exports this
-model's calibrated scales to a TensorRT-LLM checkpoint).
-
-A quantized checkpoint is a Hugging Face folder plus `modelopt_state.pth` (modelopt's own file name: which
-quantizers sit where, with their settings) beside weights that include the calibrated quantizer state (amax,
-pre-quant scales). SmoothQuant and AWQ fold their smoothing into the weights, so a plain `from_pretrained` of
-the folder would be a wrong model: `compactlm.compress.checkpoint.load_model` restores the quantizers, and backends that
-cannot run modelopt quantization refuse the folder (compactlm.compress.quantized). The `quantize` record in
-`compactlm.json` says what was done.
+in every forward. The calibrated model is written as ModelOpt's unified HF checkpoint (compactlm.compress.unified:
+quantized safetensors + hf_quant_config.json), which TensorRT-LLM, vLLM and SGLang load directly and
+`compactlm.compress.checkpoint.load_model` reads back on CPU (dequantized, activations rounded as the engine does)
+so that `compress eval` measures the accuracy cost. Backends that cannot run the format refuse the folder. The
+`quantize` record in `compactlm.json` says what was done.
 
 All modelopt imports happen inside functions: importing this module is cheap.
 """
@@ -24,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from compactlm.compress.quantized import STATE_FILE, quiet
+from compactlm.compress.unified import quiet
 from compactlm.core.errors import CompactLMError
 
 BLOCK_SIZES = (128, 64, 32, 16)
@@ -98,6 +93,9 @@ class QuantizeConfig:
     """Sequences per calibration forward."""
     block_size: int | None = None
     """int4-awq group size; default: the largest of 128/64/32/16 dividing every weight's input width."""
+    dtype: str | None = None
+    """float16 | bfloat16: the dtype of the unquantized tensors written; default: the source's when 16-bit, else
+    bfloat16."""
 
     def __post_init__(self):
         fmt = get_format(self.format)
@@ -111,6 +109,10 @@ class QuantizeConfig:
             )
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise CompactLMError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.dtype is not None:
+            from compactlm.compress.unified import export_dtype
+
+            export_dtype(None, self.dtype)
 
 
 def weight_widths(model) -> set[int]:
@@ -222,23 +224,17 @@ def calibration_batches(model_path, cfg: QuantizeConfig):
     return list(torch.split(rows, cfg.batch_size))
 
 
-def save_quantized(model, out: Path, source: Path, record: dict, overwrite: bool = False) -> Path:
-    """Save a modelopt-quantized model: HF weights with quantizer state, modelopt_state.pth, the record."""
-    import torch
-
+def save_quantized(model, out: Path, source: Path, record: dict, dtype: str = "bfloat16", overwrite=False) -> Path:
+    """Save a modelopt-quantized model as a unified HF checkpoint (compactlm.compress.unified) with the source's
+    tokenizer and the record (the quantization section written goes into it)."""
     from compactlm.compress.checkpoint import save_checkpoint
+    from compactlm.compress.unified import export_unified
 
-    with quiet():
-        import modelopt.torch.opt as mto
+    def write(folder: Path) -> None:
+        record["unified"] = export_unified(model, folder, dtype)
 
-        state = mto.modelopt_state(model)
-
-    def write_state(folder: Path) -> None:
-        torch.save(state, folder / STATE_FILE)
-
-    return save_checkpoint(
-        model, out, source=source, operation=record, extra_files={"modelopt": write_state}, overwrite=overwrite
-    )
+    record["export_dtype"] = dtype
+    return save_checkpoint(model, out, source=source, operation=record, write_weights=write, overwrite=overwrite)
 
 
 def quantize_checkpoint(model, out: str | os.PathLike, cfg: QuantizeConfig, overwrite: bool = False) -> dict:
@@ -253,8 +249,11 @@ def quantize_checkpoint(model, out: str | os.PathLike, cfg: QuantizeConfig, over
     if checkpoint.quantized:
         raise CompactLMError(f"{path} is already quantized ({checkpoint.quantized}): quantize its parent instead")
     batches = calibration_batches(path, cfg)  # before loading the model: too little data fails fast
+    from compactlm.compress.unified import export_dtype
+
+    dtype = export_dtype(checkpoint.config, cfg.dtype)
     student = load_model(checkpoint)
     info = quantize_model(student, cfg.format, batches, cfg.block_size)
     record = {"op": "quantize", **info, "config": asdict(cfg), "calib_data": describe(cfg.calib_data), "split": "train"}
-    save_quantized(student, out, path, record, overwrite=overwrite)
+    save_quantized(student, out, path, record, dtype=dtype, overwrite=overwrite)
     return record

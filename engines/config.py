@@ -76,11 +76,15 @@ class BuildConfig:
     limits: Limits = field(default_factory=Limits)
     tp_size: int = 1
     checkpoint_only: bool = False
-    """trtllm: produce and verify the TensorRT-LLM checkpoint, skip the engine build."""
+    """trtllm-engine (legacy): produce and verify the TensorRT-LLM checkpoint, skip trtllm-build."""
     calib_dataset: str = "python-docs"
     calib_samples: int = 32
     calib_seq_len: int = 256
     """Calibration data for precisions that need activation statistics (FP8 scales)."""
+    bench_shapes: tuple[tuple[int, int], ...] = ()
+    bench_batches: tuple[int, ...] = ()
+    """trtllm: the (ISL, OSL) shapes and batch sizes the engine is sized for (a sweep's, with --for-sweep), for the
+    trtllm-bench command lines; empty: one shape that fits the limits, at the largest batch."""
     fuse_qkv: bool | None = None
     """cpu: one q/k/v matmul per layer instead of three (exact). None: where it measured faster (int8/int4
     weights); True/False force it (False keeps the stock export, which benchmarks compare against)."""
@@ -88,5 +92,9 @@ class BuildConfig:
     def __post_init__(self):
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise CompactLMError(f"tp_size must be a positive integer, got {self.tp_size!r}")
+        for isl, osl in self.bench_shapes:
+            self.limits.check_request(isl, osl)
+        if any(b < 1 or b > self.limits.max_batch_size for b in self.bench_batches):
+            raise CompactLMError(f"bench batch sizes {self.bench_batches} must lie in 1..{self.limits.max_batch_size}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise CompactLMError("calibration needs at least 1 sample of at least 2 tokens")

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "cpu": "compactlm.engines.backends.openvino.engine:CpuBackend",
     "torch": "compactlm.engines.backends.torch_engine:TorchBackend",
-    "trtllm": "compactlm.engines.backends.trtllm.engine:TrtllmBackend",
+    "trtllm": "compactlm.engines.backends.trtllm.pytorch:TrtllmBackend",
+    "trtllm-engine": "compactlm.engines.backends.trtllm.legacy:TrtllmEngineBackend",
 }
 """Backend name -> `module:class`; `register` adds one."""
 _LOADED: dict[str, Backend] = {}

@@ -24,10 +24,15 @@ def register(app: typer.Typer) -> None:
         block_size: Annotated[
             int | None, typer.Option(help="int4-awq group size (default: the largest of 128/64/32/16 that fits).")
         ] = None,
+        dtype: Annotated[
+            str | None,
+            typer.Option(help="float16 | bfloat16 for the unquantized tensors (default: the source's if 16-bit)."),
+        ] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     ) -> None:
-        """Post-training quantization with nvidia-modelopt, calibrated on text (fake-quant on CPU). Measure its cost
-        with `compress eval MODEL OUT`; build it with `engines build OUT ENGINE --backend trtllm --precision FORMAT`."""
+        """Post-training quantization with nvidia-modelopt, calibrated on text, written as ModelOpt's unified HF
+        checkpoint (safetensors + hf_quant_config.json: TensorRT-LLM, vLLM and SGLang load it). Measure its cost with
+        `compress eval MODEL OUT`; deploy it with `engines build OUT ENGINE --backend trtllm --precision FORMAT`."""
         from compactlm.compress.quantize import FORMATS, QuantizeConfig, quantize_checkpoint
 
         cfg = QuantizeConfig(
@@ -36,13 +41,15 @@ def register(app: typer.Typer) -> None:
             calib_samples=calib_samples,
             calib_seq_len=calib_seq_len,
             block_size=block_size,
+            dtype=dtype,
         )
         with console.status(f"quantizing {model} to {format} ({FORMATS[format].description})"):
             record = quantize_checkpoint(model, out, cfg, overwrite=overwrite)
         group = f", INT4 group size {record['block_size']}" if "block_size" in record else ""
         console.print(
             f"[green]quantized[/] {model} -> [bold]{out}[/] as {format} ({record['trtllm_algo']}{group}), calibrated "
-            f"on {record['calibration_tokens']:,} tokens in {record['seconds']:.0f} s"
+            f"on {record['calibration_tokens']:,} tokens in {record['seconds']:.0f} s; unified HF checkpoint, "
+            f"{record['export_dtype']} elsewhere"
         )
         console.print(
             f"next: compactlm compress eval {model} {out}   |   compactlm engines build {out} ENGINE --backend trtllm "

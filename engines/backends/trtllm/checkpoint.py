@@ -1,5 +1,6 @@
-"""TensorRT-LLM checkpoints: export a Hugging Face model with nvidia-modelopt (FP16/BF16, or FP8 after
-post-training calibration), repair what modelopt writes wrong under transformers 5, and read a checkpoint back
+"""TensorRT-LLM checkpoints, the legacy `trtllm-engine` flow's input to trtllm-build: export a Hugging Face
+model with nvidia-modelopt (FP16/BF16, or FP8 after post-training calibration), repair what modelopt writes wrong
+under transformers 5, and read a checkpoint back
 into Hugging Face names to check the round trip on CPU.
 
 A TensorRT-LLM checkpoint is `config.json` plus one `rank{r}.safetensors` per tensor-parallel rank, with names
@@ -21,9 +22,7 @@ All modelopt imports happen inside functions: importing this module is cheap.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -225,16 +224,6 @@ def _rank_tensors(folder: Path, tp: int) -> list[dict]:
     return ranks
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[out/2, in] bytes -> [out, in] signed 4-bit values: modelopt packs output rows 2i (low nibble) and 2i+1."""
-    import torch
-
-    raw = packed.view(torch.uint8).to(torch.int16)
-    low, high = raw & 0x0F, (raw >> 4) & 0x0F
-    values = torch.stack([low, high], dim=1).reshape(-1, packed.shape[1])
-    return torch.where(values >= 8, values - 16, values)
-
-
 def _dequantize(tensors: dict, algo: str | None = None, group_size: int | None = None) -> dict:
     """fp32 copies of one rank's tensors: FP8 / INT8 / packed INT4 weights times their scales, with SmoothQuant's
     and AWQ's pre-quant scales folded into the weight columns (the engine multiplies its input by them);
@@ -251,7 +240,9 @@ def _dequantize(tensors: dict, algo: str | None = None, group_size: int | None =
             if scale is None:
                 raise CompactLMError(f"quantized tensor {name} has no weights_scaling_factor")
             if algo == "W4A16_AWQ":
-                weight = _unpack_int4(t).float() * scale.float().repeat_interleave(int(group_size), dim=1)
+                from compactlm.compress.unified import unpack_int4
+
+                weight = unpack_int4(t).float() * scale.float().repeat_interleave(int(group_size), dim=1)
             else:
                 weight = t.float() * scale.float().reshape(-1, 1)
             pre = tensors.get(base + "prequant_scaling_factor")
@@ -469,9 +460,7 @@ def verify_checkpoint(folder: Path, hf_config, tokens: torch.Tensor, source_logi
     return result
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """modelopt prints rank banners and warns about transformers versions and a missing tensorrt_llm."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+def _quiet():
+    from compactlm.compress.unified import quiet
+
+    return quiet()

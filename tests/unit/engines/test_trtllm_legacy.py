@@ -1,5 +1,6 @@
-"""The trtllm backend on CPU: TensorRT-LLM checkpoints exported with modelopt, read back and compared with the
-source model (FP16/BF16/FP8, tensor-parallel ranks), the config repairs, and the checkpoint-only build."""
+"""The legacy trtllm-engine backend on CPU: TensorRT-LLM checkpoints exported with modelopt, read back and
+compared with the source model (FP16/BF16/FP8, tensor-parallel ranks), the config repairs,
+and the checkpoint-only build."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from safetensors import safe_open
 
 import compactlm.engines.backends.trtllm.checkpoint as tc
 from compactlm.core.errors import CompactLMError
-from compactlm.engines.backends.trtllm.engine import TrtllmBackend, runtime_missing, trtllm_build_command
+from compactlm.engines.backends.trtllm.legacy import TrtllmEngineBackend, trtllm_build_command
+from compactlm.engines.backends.trtllm.shared import runtime_missing
 from compactlm.engines.build import build_engine
 from compactlm.engines.config import BuildConfig, Limits
 from compactlm.engines.registry import load_engine
@@ -179,12 +181,12 @@ def test_reader_refuses_incomplete_or_foreign_checkpoints(tmp_path):
 
 def test_checkpoint_only_build_records_the_trtllm_build_command_and_load_says_why(tiny_dir, tmp_path):
     out = build_engine(
-        tiny_dir, tmp_path / "engine", BuildConfig(backend="trtllm", checkpoint_only=True, limits=LIMITS)
+        tiny_dir, tmp_path / "engine", BuildConfig(backend="trtllm-engine", checkpoint_only=True, limits=LIMITS)
     )
     manifest = json.loads((out / "engine.json").read_text())
     info = manifest["backend_info"]
 
-    assert manifest["backend"] == "trtllm" and manifest["precision"] == "fp16"
+    assert manifest["backend"] == "trtllm-engine" and manifest["precision"] == "fp16"
     assert info["engine_built"] is False and "checkpoint_only" in info["notice"]
     assert info["trtllm_build_command"] == (
         "trtllm-build --checkpoint_dir checkpoint --output_dir engine --max_batch_size 4 --max_input_len 32 "
@@ -201,7 +203,7 @@ def test_checkpoint_only_build_records_the_trtllm_build_command_and_load_says_wh
 
 @pytest.mark.skipif(runtime_missing() is None, reason="TensorRT-LLM and a GPU are here: the engine gets built")
 def test_build_without_tensorrt_llm_stops_at_the_checkpoint_and_names_what_is_missing(tiny_dir, tmp_path):
-    out = build_engine(tiny_dir, tmp_path / "engine", BuildConfig(backend="trtllm", limits=LIMITS, tp_size=3))
+    out = build_engine(tiny_dir, tmp_path / "engine", BuildConfig(backend="trtllm-engine", limits=LIMITS, tp_size=3))
     info = json.loads((out / "engine.json").read_text())["backend_info"]
     assert info["engine_built"] is False
     assert runtime_missing() in info["notice"] and runtime_missing() == info["engine_missing"]
@@ -213,7 +215,7 @@ def test_build_without_tensorrt_llm_stops_at_the_checkpoint_and_names_what_is_mi
 
 def test_fp8_build_calibrates_on_the_data_and_verifies_on_held_out_text(retrain_checkpoints, tmp_path):
     config = BuildConfig(
-        backend="trtllm", precision="fp8", checkpoint_only=True, limits=LIMITS,
+        backend="trtllm-engine", precision="fp8", checkpoint_only=True, limits=LIMITS,
         calib_dataset=str(retrain_checkpoints["corpus"]), calib_samples=4, calib_seq_len=16,
     )  # fmt: skip
     out = build_engine(retrain_checkpoints["teacher"], tmp_path / "fp8", config)
@@ -228,24 +230,26 @@ def test_fp8_build_calibrates_on_the_data_and_verifies_on_held_out_text(retrain_
 
 def test_unknown_precision_and_unfit_shapes_are_refused_before_any_work(tiny_dir, tmp_path):
     with pytest.raises(CompactLMError, match="no precision 'int4'; choose from fp16, bf16, fp8"):
-        build_engine(tiny_dir, tmp_path / "a", BuildConfig(backend="trtllm", precision="int4", limits=LIMITS))
+        build_engine(tiny_dir, tmp_path / "a", BuildConfig(backend="trtllm-engine", precision="int4", limits=LIMITS))
     with pytest.raises(CompactLMError, match="tp_size 4 does not divide the model's 6 attention heads"):
-        build_engine(tiny_dir, tmp_path / "b", BuildConfig(backend="trtllm", tp_size=4, limits=LIMITS))
+        build_engine(tiny_dir, tmp_path / "b", BuildConfig(backend="trtllm-engine", tp_size=4, limits=LIMITS))
     with pytest.raises(CompactLMError, match="tp_size 2 and the model's 3 KV heads"):
-        build_engine(tiny_dir, tmp_path / "c", BuildConfig(backend="trtllm", tp_size=2, limits=LIMITS))
+        build_engine(tiny_dir, tmp_path / "c", BuildConfig(backend="trtllm-engine", tp_size=2, limits=LIMITS))
     assert not any((tmp_path / name).exists() for name in "abc")
 
-    backend = TrtllmBackend()
+    backend = TrtllmEngineBackend()
     mistral = tiny_config("mistral", sliding_window=32)
     with pytest.raises(CompactLMError, match="sliding window of 32 tokens"):
-        backend.check_model(mistral, BuildConfig(backend="trtllm", limits=LIMITS))
-    backend.check_model(mistral, BuildConfig(backend="trtllm", limits=Limits(4, 16, 32, 64)))
+        backend.check_model(mistral, BuildConfig(backend="trtllm-engine", limits=LIMITS))
+    backend.check_model(mistral, BuildConfig(backend="trtllm-engine", limits=Limits(4, 16, 32, 64)))
     with pytest.raises(CompactLMError, match="FP8 GEMMs need multiples of 16"):
-        backend.check_model(tiny_config("llama", intermediate_size=72), BuildConfig(backend="trtllm", precision="fp8"))
+        backend.check_model(
+            tiny_config("llama", intermediate_size=72), BuildConfig(backend="trtllm-engine", precision="fp8")
+        )
 
 
 def test_build_command_follows_the_limits():
-    command = trtllm_build_command(BuildConfig(backend="trtllm", tp_size=2, limits=Limits(8, 100, 300, 900)))
+    command = trtllm_build_command(BuildConfig(backend="trtllm-engine", tp_size=2, limits=Limits(8, 100, 300, 900)))
     pairs = dict(zip(command[1::2], command[2::2], strict=False))
     assert pairs == {"--checkpoint_dir": "checkpoint", "--output_dir": "engine", "--max_batch_size": "8",
                      "--max_input_len": "100", "--max_seq_len": "300", "--max_num_tokens": "900",
@@ -254,7 +258,8 @@ def test_build_command_follows_the_limits():
 
 def test_importing_the_backend_imports_neither_modelopt_nor_tensorrt_llm():
     code = (
-        "import sys, compactlm.engines.backends.trtllm.engine, compactlm.engines.backends.trtllm.checkpoint\n"
+        "import sys, compactlm.engines.backends.trtllm.legacy, compactlm.engines.backends.trtllm.pytorch\n"
+        "import compactlm.engines.backends.trtllm.checkpoint, compactlm.compress.unified\n"
         "heavy = [m for m in ('modelopt', 'tensorrt_llm') if m in sys.modules]\n"
         "assert not heavy, heavy"
     )
@@ -306,13 +311,15 @@ class FakeResult:
 
 
 def test_engine_streams_requests_through_the_llm_api(tiny_dir, tmp_path, monkeypatch):
-    import compactlm.engines.backends.trtllm.engine as backend
+    import compactlm.engines.backends.trtllm.legacy as backend
 
     fake = SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: SimpleNamespace(**kw))
     monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)
     monkeypatch.setitem(sys.modules, "tensorrt_llm._tensorrt_engine", SimpleNamespace(LLM=FakeLLM))
     monkeypatch.setattr(backend, "runtime_missing", lambda: None)
-    out = build_engine(tiny_dir, tmp_path / "e", BuildConfig(backend="trtllm", checkpoint_only=True, limits=LIMITS))
+    out = build_engine(
+        tiny_dir, tmp_path / "e", BuildConfig(backend="trtllm-engine", checkpoint_only=True, limits=LIMITS)
+    )
     (out / "engine").mkdir()
     (out / "engine" / "config.json").write_text("{}")  # as if trtllm-build had run in the container
 
