@@ -1,4 +1,5 @@
-"""The Triton model repository that NVIDIA's TensorRT-LLM backend serves, written from a `trtllm` engine folder.
+"""The Triton model repository of TensorRT-LLM's legacy engine flow, written from a `trtllm-engine` folder (for
+TensorRT-LLM <= 1.2 containers); a current-flow `trtllm` folder gets the llmapi repository (serve/triton_llmapi.py).
 
 The layout of tensorrtllm_backend's `all_models/inflight_batcher_llm`: `preprocessing` (text -> token ids, Python),
 `tensorrt_llm` (the engine, in-flight batching), `postprocessing` (token ids -> text, Python), `ensemble` (the three
@@ -340,12 +341,19 @@ def server_command(repo: Path, cfg: TritonRepoConfig, tp_size: int) -> list[str]
     return command
 
 
+def is_legacy(manifest) -> bool:
+    """A TensorRT-engine folder: `trtllm-engine`, or `trtllm` as compactlm wrote it before the current flow."""
+    return manifest.backend == "trtllm-engine" or (
+        manifest.backend == "trtllm" and "trtllm_build_command" in manifest.backend_info
+    )
+
+
 def build_configs(engine_dir: Path, cfg: TritonRepoConfig) -> tuple[dict, list[str], int]:
     """The repository's ModelConfigs from the engine's manifest (checked), with notices and its tp size."""
     from compactlm.engines.manifest import read_manifest
 
     manifest = read_manifest(engine_dir)
-    if manifest.backend != "trtllm":
+    if not is_legacy(manifest):
         raise CompactLMError(
             f"{engine_dir} is a {manifest.backend} engine; Triton's TensorRT-LLM backend serves trtllm engines: "
             f"build one with `compactlm engines build CHECKPOINT OUT --backend trtllm`, or serve this one with "
@@ -383,13 +391,29 @@ def build_configs(engine_dir: Path, cfg: TritonRepoConfig) -> tuple[dict, list[s
 
 
 def write_triton_repo(
-    engine_dir: str | Path, out: str | Path, config: TritonRepoConfig | None = None, overwrite: bool = False
+    engine_dir: str | Path,
+    out: str | Path,
+    config: TritonRepoConfig | None = None,
+    overwrite: bool = False,
+    llmapi_source: str | Path | None = None,
 ) -> TritonRepo:
-    """Write the model repository for a trtllm engine into OUT (atomically); returns it with its command line."""
+    """Write the model repository for a trtllm engine into OUT (atomically); returns it with its command line:
+    the llmapi repository for the current flow, the inflight_batcher_llm one for a legacy engine folder."""
+    from compactlm.engines.manifest import read_manifest
+
     cfg = config or TritonRepoConfig()
     engine_dir, out = Path(engine_dir).expanduser(), Path(out).expanduser()
     if out.exists() and not overwrite:
         raise CompactLMError(f"{out} exists; give --overwrite to replace it")
+    manifest = read_manifest(engine_dir)
+    if manifest.backend == "trtllm" and not is_legacy(manifest):
+        from compactlm.serve.triton_llmapi import write_llmapi_repo
+
+        return write_llmapi_repo(
+            engine_dir, out, manifest, cfg, Path(llmapi_source) if llmapi_source else None, overwrite
+        )
+    if llmapi_source is not None:
+        raise CompactLMError("--llmapi-source is for the current flow's llmapi repository (a trtllm engine folder)")
     configs, notices, tp_size = build_configs(engine_dir, cfg)
     _, text_format = _pb()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -133,10 +133,18 @@ def triton_repo(
     http_port: HttpPort = 8000,
     grpc_port: GrpcPort = 8001,
     metrics_port: MetricsPort = 8002,
+    llmapi_source: Annotated[
+        Path | None,
+        typer.Option(
+            help="trtllm: TensorRT-LLM's triton_backend/all_models/llmapi/tensorrt_llm/1 to copy model.py from."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Write the Triton model repository for a trtllm ENGINE (preprocessing, tensorrt_llm, postprocessing,
-    ensemble; --bls adds tensorrt_llm_bls) into OUT and print the tritonserver command line that serves it."""
+    """Write the Triton model repository for a TensorRT-LLM ENGINE into OUT and print the command that serves it:
+    for a trtllm folder (current flow) TensorRT-LLM's llmapi model (config.pbtxt + model.yaml from the engine's LLM
+    arguments; --engine-path is then the checkpoint as the server sees it); for a trtllm-engine folder (legacy) the
+    inflight_batcher_llm models (preprocessing, tensorrt_llm, postprocessing, ensemble; --bls adds tensorrt_llm_bls)."""
     from compactlm.serve.triton_repo import TritonRepoConfig, write_triton_repo
 
     config = TritonRepoConfig(
@@ -155,7 +163,7 @@ def triton_repo(
         grpc_port=grpc_port,
         metrics_port=metrics_port,
     )
-    repo = write_triton_repo(engine, out, config, overwrite=overwrite)
+    repo = write_triton_repo(engine, out, config, overwrite=overwrite, llmapi_source=llmapi_source)
     console.print(f"[green]wrote[/] {repo.path}: {', '.join(repo.models)}", highlight=False)
     for notice in repo.notices:
         console.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)

@@ -1,7 +1,7 @@
-"""`compactlm serve triton-repo`: the TensorRT-LLM model repository written from a trtllm engine's manifest.
-Every config.pbtxt is parsed with Triton's ModelConfig protobuf (tritonclient's) and checked field by field;
-the Python models run here against a stand-in for `triton_python_backend_utils` (the real one exists only
-inside Triton), with a fake tensorrt_llm model behind the BLS chain."""
+"""`compactlm serve triton-repo` for legacy engine folders: the inflight_batcher_llm repository written from a
+trtllm-engine manifest. Every config.pbtxt is parsed with Triton's ModelConfig protobuf (tritonclient's) and checked
+field by field; the Python models run here against a stand-in for `triton_python_backend_utils` (the real one exists
+only inside Triton), with a fake tensorrt_llm model behind the BLS chain."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from tests.helpers import cli, english_docs, save_word_tokenizer
 MODELS = ["preprocessing", "tensorrt_llm", "postprocessing", "ensemble"]
 
 
-def fake_engine(root: Path, backend: str = "trtllm", tp_size: int = 1, built: bool = False) -> Path:
-    """An engine folder as `engines build --backend trtllm --checkpoint-only` leaves it: manifest + tokenizer."""
+def fake_engine(root: Path, backend: str = "trtllm-engine", tp_size: int = 1, built: bool = False) -> Path:
+    """An engine folder as `engines build --backend trtllm-engine --checkpoint-only` leaves it: manifest + tokenizer."""
     root.mkdir(parents=True)
     save_word_tokenizer(root / "tokenizer", english_docs(40))
     info = {"eos_token_ids": [1], "checkpoint_dir": "checkpoint", "engine_built": built}
