@@ -43,7 +43,12 @@ def test_hadolint_passes():
 def test_dockerfile_refers_to_real_things():
     rows = instructions()
     (base,) = [args for word, args in rows if word == "FROM"]
-    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-trtllm-python-py3", base), base
+    args = dict(a.split("=", 1) for word, a in rows if word == "ARG" and "=" in a)
+    assert base == "${BASE}"
+    version = args["TRTLLM_VERSION"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), version
+    # the default base is TensorRT-LLM's release image of that very version (its tag is the version it holds)
+    assert args["BASE"] == f"nvcr.io/nvidia/tensorrt-llm/release:{version}", args["BASE"]
     for word, args in rows:
         if word == "COPY":
             for source in args.split()[:-1]:
@@ -52,6 +57,8 @@ def test_dockerfile_refers_to_real_things():
     assert entry == ["/src/docker/entrypoint.sh"]  # WORKDIR /src holds the copied docker/ folder
     assert ENTRYPOINT.stat().st_mode & 0o111, "the entry point must be executable"
     subprocess.run(["bash", "-n", str(ENTRYPOINT)], check=True)
+    for script in ("fetch_llmapi.py", "healthcheck.py"):
+        compile((ROOT / "docker" / script).read_text(), script, "exec")
     pins = [line for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines() if line[:1].isalnum()]
     assert pins and all("==" in line for line in pins)
     assert not any(line.startswith("torch") for line in pins), "the image's own torch must stay"
@@ -69,3 +76,18 @@ def test_entrypoint_flags_exist_in_the_cli():
         help_text = cli(*args, "--help").output
         for flag in flags:
             assert flag in help_text, f"`compactlm {words}` has no {flag}"
+
+
+def test_the_entrypoint_serves_with_the_command_the_engine_folder_records(tiny_dir, tmp_path):
+    import shlex
+
+    from compactlm.engines.build import build_engine
+    from compactlm.engines.config import BuildConfig, Limits
+
+    out = build_engine(tiny_dir, tmp_path / "e", BuildConfig(backend="trtllm", limits=Limits(4, 32, 64, 64)))
+    recorded = shlex.split(json.loads((out / "engine.json").read_text())["backend_info"]["commands"]["trtllm_serve"])
+    (line,) = [line.strip() for line in ENTRYPOINT.read_text().splitlines() if "exec trtllm-serve" in line]
+    used = shlex.split(line.removeprefix("exec "))
+    for option in ("--host", "--port"):  # the container listens on HOST:PORT instead of 127.0.0.1:8000
+        used[used.index(option) + 1] = recorded[recorded.index(option) + 1]
+    assert used == recorded
