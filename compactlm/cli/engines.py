@@ -22,10 +22,19 @@ app = typer.Typer(
 def build(
     checkpoint: Annotated[str, typer.Argument(help="A checkpoint directory or a bundled model's name.")],
     out: Annotated[Path, typer.Argument(help="The engine folder to write.")],
-    backend: Annotated[str, typer.Option(help="cpu (OpenVINO, default), torch (transformers) or trtllm.")] = "cpu",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="cpu (OpenVINO, default), torch (transformers), trtllm (TensorRT-LLM's current flow: the checkpoint "
+            "it loads + LLM arguments) or trtllm-engine (legacy trtllm-build flow, TensorRT-LLM <= 1.2)."
+        ),
+    ] = "cpu",
     precision: Annotated[
         str | None,
-        typer.Option(help="cpu: fp32|bf16|int8|int4; torch: fp32|bf16|fp16; trtllm: fp16|bf16|fp8|int8-sq|int4-awq."),
+        typer.Option(
+            help="cpu: fp32|bf16|int8|int4; torch: fp32|bf16|fp16; trtllm: fp16|bf16|fp8|int4-awq; "
+            "trtllm-engine: fp16|bf16|fp8|int8-sq|int4-awq."
+        ),
     ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Most sequences at once [32].")] = None,
     max_input_len: Annotated[int | None, typer.Option(help="Longest prompt, tokens [1024].")] = None,
@@ -36,7 +45,8 @@ def build(
         Path | None, typer.Option(help="Derive the limits from this benchmark sweep file (flags still win).")
     ] = None,
     checkpoint_only: Annotated[
-        bool, typer.Option("--checkpoint-only", help="trtllm: write and verify the checkpoint, skip the engine.")
+        bool,
+        typer.Option("--checkpoint-only", help="trtllm-engine: write and verify the checkpoint, skip trtllm-build."),
     ] = False,
     calib_data: Annotated[
         str, typer.Option(help="Calibration corpus (fp8 scales, int4 AWQ): a bundled corpus or your text.")
@@ -49,11 +59,13 @@ def build(
     from compactlm.engines.build import build_engine
     from compactlm.engines.config import BuildConfig, Limits
 
-    base = Limits()
+    base, shapes, batches = Limits(), (), ()
     if for_sweep is not None:
         from compactlm.bench.sweep import load_sweep
 
-        base = load_sweep(for_sweep).limits(max_num_tokens)
+        sweep = load_sweep(for_sweep)
+        base = sweep.limits(max_num_tokens)
+        shapes, batches = tuple(sweep.scaled_shapes()), tuple(sorted(set(sweep.batch_sizes)))
     flags = dict(
         max_batch_size=max_batch_size,
         max_input_len=max_input_len,
@@ -70,6 +82,7 @@ def build(
         calib_dataset=calib_data,
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
+        **({"bench_shapes": shapes, "bench_batches": batches} if backend == "trtllm" else {}),
     )
     start = time.perf_counter()
     with console.status(f"building a {backend} engine from {checkpoint}"):
@@ -83,6 +96,14 @@ def build(
     notice = manifest.backend_info.get("notice")
     if notice:
         console.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
+    commands = manifest.backend_info.get("commands")
+    if commands:  # trtllm: how to serve and benchmark the folder, from inside it
+        console.print(f"in {path}:", highlight=False)
+        lines = [commands["trtllm_serve"], commands["vllm_serve"]]
+        for point in commands["trtllm_bench"]:
+            lines += [point["prepare"], *point["throughput"]]
+        for line in lines:
+            console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("info")

@@ -1,5 +1,6 @@
-"""TensorRT-LLM end to end: export, `trtllm-build` and generation through the engine runtime, checked against
-transformers. Skipped unless tensorrt_llm imports and a CUDA GPU is present (NVIDIA's TensorRT-LLM container)."""
+"""TensorRT-LLM end to end, both flows: the legacy engine flow (trtllm-engine: export, `trtllm-build`, generation) and
+the current one (trtllm: the HF checkpoint loaded by tensorrt_llm.LLM), checked against transformers. Skipped unless
+tensorrt_llm imports and a CUDA GPU is present (NVIDIA's TensorRT-LLM container)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp16_engine(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "fp16"
-    return build_engine(source["checkpoint"], out, BuildConfig(backend="trtllm", limits=LIMITS))
+    return build_engine(source["checkpoint"], out, BuildConfig(backend="trtllm-engine", limits=LIMITS))
 
 
 def greedy_gaps(completions, prompts) -> torch.Tensor:
@@ -105,7 +106,7 @@ def test_tokens_stream_step_by_step_and_eos_stops_a_request(fp16_engine, tmp_pat
 )
 def test_fp8_engine_generates_close_to_transformers(source, tmp_path):
     config = BuildConfig(
-        backend="trtllm", precision="fp8", limits=LIMITS,
+        backend="trtllm-engine", precision="fp8", limits=LIMITS,
         calib_dataset=str(source["corpus"]), calib_samples=8, calib_seq_len=32,
     )  # fmt: skip
     out = build_engine(source["checkpoint"], tmp_path / "fp8", config)
@@ -121,8 +122,20 @@ def test_fp8_engine_generates_close_to_transformers(source, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tensor_parallel_engine_matches_transformers(source, tmp_path):
-    out = build_engine(source["checkpoint"], tmp_path / "tp2", BuildConfig(backend="trtllm", tp_size=2, limits=LIMITS))
+    out = build_engine(
+        source["checkpoint"], tmp_path / "tp2", BuildConfig(backend="trtllm-engine", tp_size=2, limits=LIMITS)
+    )
     assert sorted(p.name for p in (out / "checkpoint").glob("rank*")) == ["rank0.safetensors", "rank1.safetensors"]
     with load_engine(out) as engine:
         completions = engine.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    assert greedy_gaps(completions, PROMPTS).max() <= FP16_TOLERANCE
+
+
+def test_the_current_flow_loads_the_checkpoint_directly_and_follows_transformers(source, tmp_path):
+    out = build_engine(source["checkpoint"], tmp_path / "current", BuildConfig(backend="trtllm", limits=LIMITS))
+    info = json.loads((out / "engine.json").read_text())["backend_info"]
+    assert info["runtime_missing"] is None and (out / "llm_args.yaml").is_file()
+    with load_engine(out) as engine:
+        completions = engine.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    assert [len(c.tokens) for c in completions] == [16] * len(PROMPTS)
     assert greedy_gaps(completions, PROMPTS).max() <= FP16_TOLERANCE
