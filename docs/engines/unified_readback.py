@@ -1,9 +1,13 @@
 """The unified quantized checkpoint read back on CPU vs the fake-quant model it was exported from: held-out loss of
 SmolLM2-135M (8 x 256 python-docs tokens) for fp8, int8-sq and int4-awq. Writes docs/engines/unified-readback.json."""
 
-import torch, json, tempfile
+import json
+import tempfile
 from pathlib import Path
+
+import torch
 import torch.nn.functional as F
+
 from compactlm.compress.checkpoint import load_model, load_tokenizer
 from compactlm.compress.data import load_sequences
 from compactlm.compress.quantize import QuantizeConfig, calibration_batches, quantize_model, save_quantized
@@ -14,8 +18,8 @@ held = load_sequences("python-docs", tok, num_sequences=8, seq_len=256, split="h
 
 def loss(m):
     with torch.inference_mode():
-        l = m(input_ids=held, use_cache=False).logits.float()
-    return float(F.cross_entropy(l[:, :-1].flatten(0, 1), held[:, 1:].flatten()))
+        logits = m(input_ids=held, use_cache=False).logits.float()
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), held[:, 1:].flatten()))
 
 
 out = {}
@@ -35,4 +39,4 @@ for fmt in ["fp8", "int8-sq", "int4-awq"]:
         read_back_minus_fake=round(back - fq, 4),
     )
     print(fmt, out[fmt], flush=True)
-json.dump(out, open("/work/main/docs/engines/unified-readback.json", "w"), indent=1)
+Path("docs/engines/unified-readback.json").write_text(json.dumps(out, indent=1) + "\n")
