@@ -55,9 +55,9 @@ if [[ $what == quantize || $what == all ]]; then
   .venv/bin/python docs/compress/quant_table.py "SmolLM2-135M=runs/quant/teacher.csv" \
     "width student (distilled)=runs/quant/student.csv" \
     > docs/compress/quantization.md
-  # the quantized checkpoints export to TensorRT-LLM checkpoints with their own scales (read back and compared)
-  for fmt in fp8 int8-sq int4-awq; do
+  # the unified checkpoints are what current TensorRT-LLM loads: the trtllm backend copies them into engine folders
+  for fmt in fp8 int4-awq; do
     [ -d "runs/quant/trtllm-$fmt" ] || $C engines build "runs/quant/teacher-$fmt" "runs/quant/trtllm-$fmt" \
-      --backend trtllm --precision "$fmt" --checkpoint-only --max-batch-size 8 --max-input-len 512 --max-seq-len 1024
+      --backend trtllm --precision "$fmt" --max-batch-size 8 --max-input-len 512 --max-seq-len 1024
   done
 fi
