@@ -68,16 +68,16 @@ OUTPUTS = [
 
 def model_config(decoupled: bool):
     """The tensorrt_llm model's ModelConfig protobuf."""
-    from compactlm.serve.triton_repo import _cpu_instances, _pb, _tensor
+    from compactlm.serve.triton_protobuf import cpu_instances, make_tensor, protobufs
 
-    pb, _ = _pb()
+    pb, _ = protobufs()
     config = pb.ModelConfig(name=MODEL, backend="python", max_batch_size=0)
     config.model_transaction_policy.decoupled = decoupled
     for name, dtype, dims, optional in INPUTS:
-        config.input.append(_tensor(pb, pb.ModelInput, name, dtype, dims, optional=optional))
+        config.input.append(make_tensor(pb, pb.ModelInput, name, dtype, dims, optional=optional))
     for name, dtype, dims in OUTPUTS:
-        config.output.append(_tensor(pb, pb.ModelOutput, name, dtype, dims))
-    _cpu_instances(pb, config)
+        config.output.append(make_tensor(pb, pb.ModelOutput, name, dtype, dims))
+    cpu_instances(pb, config)
     return config
 
 
@@ -134,7 +134,7 @@ def write_llmapi_repo(engine_dir: Path, out: Path, manifest, cfg, llmapi_source:
     import yaml
     from google.protobuf import text_format
 
-    from compactlm.serve.triton_repo import TritonRepo, parse_config
+    from compactlm.serve.triton_protobuf import TritonRepo, parse_config
 
     engine_dir = engine_dir.resolve()
     if not (engine_dir / manifest.backend_info.get("checkpoint_dir", "checkpoint")).is_dir():

@@ -11,13 +11,22 @@ compactlm's own, small, in serve/triton_repo_models/; they run inside NVIDIA's T
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from compactlm.core.errors import CompactLMError
+from compactlm.serve.triton_protobuf import (  # noqa: F401 - parse_config and TritonRepo are used from here too
+    TritonRepo,
+    add_inputs,
+    add_outputs,
+    cpu_instances,
+    make_tensor,
+    parse_config,
+    protobufs,
+    set_params,
+)
 
 PREPROCESSING, LLM, POSTPROCESSING, ENSEMBLE, BLS = (
     "preprocessing",
@@ -69,71 +78,13 @@ class TritonRepoConfig:
             raise CompactLMError("max_queue_delay_us must be >= 0")
 
 
-@dataclass
-class TritonRepo:
-    path: Path
-    models: list[str]
-    command: list[str]
-    """The tritonserver command line that serves the repository (mpirun with one rank per GPU when tp > 1)."""
-    notices: list[str] = field(default_factory=list)
-
-    @property
-    def command_line(self) -> str:
-        return shlex.join(self.command)
-
-
-# -- protobuf helpers
-
-
-def _pb():
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as exc:
-        raise CompactLMError(
-            f"writing Triton configs needs tritonclient's protobufs: pip install 'tritonclient[grpc]==2.73.0' ({exc})"
-        ) from exc
-    return model_config_pb2, text_format
-
-
-def _tensor(pb, kind, name: str, dtype: str, dims: list[int], optional=False, ragged=False, scalar=False):
-    tensor = kind(name=name, data_type=getattr(pb, f"TYPE_{dtype}"), dims=dims)
-    if optional:
-        tensor.optional = True
-    if ragged:
-        tensor.allow_ragged_batch = True
-    if scalar:  # the backend takes [1] as a scalar per request
-        tensor.reshape.SetInParent()
-    return tensor
-
-
-def _inputs(pb, config, specs) -> None:
-    for spec in specs:
-        config.input.append(_tensor(pb, pb.ModelInput, *spec[:3], **spec[3] if len(spec) > 3 else {}))
-
-
-def _outputs(pb, config, specs) -> None:
-    for name, dtype, dims in specs:
-        config.output.append(_tensor(pb, pb.ModelOutput, name, dtype, dims))
-
-
-def _params(config, values: dict) -> None:
-    for key, value in values.items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        config.parameters[key].string_value = text
-
-
-def _cpu_instances(pb, config, count: int = 1) -> None:
-    config.instance_group.append(pb.ModelInstanceGroup(count=count, kind=pb.ModelInstanceGroup.KIND_CPU))
-
-
 # -- the models
 
 
 def _preprocessing(pb, batch: int, tokenizer_dir: str):
     config = pb.ModelConfig(name=PREPROCESSING, backend="python", max_batch_size=batch)
     optional = {"optional": True}
-    _inputs(
+    add_inputs(
         pb,
         config,
         [
@@ -143,7 +94,7 @@ def _preprocessing(pb, batch: int, tokenizer_dir: str):
             ("PAD_ID", "INT32", [1], optional),
         ],
     )
-    _outputs(
+    add_outputs(
         pb,
         config,
         [
@@ -154,8 +105,8 @@ def _preprocessing(pb, batch: int, tokenizer_dir: str):
             ("OUT_PAD_ID", "INT32", [1]),
         ],
     )
-    _params(config, {"tokenizer_dir": tokenizer_dir, "add_special_tokens": True})
-    _cpu_instances(pb, config)
+    set_params(config, {"tokenizer_dir": tokenizer_dir, "add_special_tokens": True})
+    cpu_instances(pb, config)
     return config
 
 
@@ -167,7 +118,7 @@ def _llm(pb, batch: int, cfg: TritonRepoConfig, engine_path: str):
     opt = {"optional": True}
     scalar = {"scalar": True}
     opt_scalar = {"optional": True, "scalar": True}
-    _inputs(
+    add_inputs(
         pb,
         config,
         [
@@ -185,9 +136,9 @@ def _llm(pb, batch: int, cfg: TritonRepoConfig, engine_path: str):
             ("stop", "BOOL", [1], opt),
         ],
     )
-    _outputs(pb, config, [("output_ids", "INT32", [-1, -1]), ("sequence_length", "INT32", [-1])])
-    _cpu_instances(pb, config)  # the backend places the engine on its GPUs itself (as NVIDIA's template does)
-    _params(
+    add_outputs(pb, config, [("output_ids", "INT32", [-1, -1]), ("sequence_length", "INT32", [-1])])
+    cpu_instances(pb, config)  # the backend places the engine on its GPUs itself (as NVIDIA's template does)
+    set_params(
         config,
         {
             "gpt_model_type": cfg.batching_strategy,
@@ -206,10 +157,10 @@ def _llm(pb, batch: int, cfg: TritonRepoConfig, engine_path: str):
 
 def _postprocessing(pb, batch: int, tokenizer_dir: str):
     config = pb.ModelConfig(name=POSTPROCESSING, backend="python", max_batch_size=batch)
-    _inputs(pb, config, [("TOKENS_BATCH", "INT32", [-1, -1]), ("SEQUENCE_LENGTH", "INT32", [-1])])
-    _outputs(pb, config, [("OUTPUT", "STRING", [-1])])
-    _params(config, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True})
-    _cpu_instances(pb, config)
+    add_inputs(pb, config, [("TOKENS_BATCH", "INT32", [-1, -1]), ("SEQUENCE_LENGTH", "INT32", [-1])])
+    add_outputs(pb, config, [("OUTPUT", "STRING", [-1])])
+    set_params(config, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True})
+    cpu_instances(pb, config)
     return config
 
 
@@ -222,9 +173,9 @@ def _ensemble(pb, batch: int, decoupled: bool):
     config = pb.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=batch)
     if decoupled:
         config.model_transaction_policy.decoupled = True
-    _inputs(pb, config, [("text_input", "STRING", [1]), ("max_tokens", "INT32", [1])])
-    _inputs(pb, config, [(name, dtype, [1], {"optional": True}) for name, dtype in ENSEMBLE_OPTIONAL])
-    _outputs(pb, config, [("text_output", "STRING", [-1])])
+    add_inputs(pb, config, [("text_input", "STRING", [1]), ("max_tokens", "INT32", [1])])
+    add_inputs(pb, config, [(name, dtype, [1], {"optional": True}) for name, dtype in ENSEMBLE_OPTIONAL])
+    add_outputs(pb, config, [("text_output", "STRING", [-1])])
     steps = config.ensemble_scheduling.step
     pre = steps.add(model_name=PREPROCESSING, model_version=-1)
     pre.input_map.update({"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens"})
@@ -261,10 +212,10 @@ def _ensemble(pb, batch: int, decoupled: bool):
 def _bls(pb, batch: int, decoupled: bool):
     config = pb.ModelConfig(name=BLS, backend="python", max_batch_size=batch)
     config.model_transaction_policy.decoupled = True  # it streams when asked (stream=true)
-    _inputs(pb, config, [("text_input", "STRING", [1]), ("max_tokens", "INT32", [1])])
-    _inputs(pb, config, [(name, dtype, [1], {"optional": True}) for name, dtype in ENSEMBLE_OPTIONAL])
-    _outputs(pb, config, [("text_output", "STRING", [-1])])
-    _params(
+    add_inputs(pb, config, [("text_input", "STRING", [1]), ("max_tokens", "INT32", [1])])
+    add_inputs(pb, config, [(name, dtype, [1], {"optional": True}) for name, dtype in ENSEMBLE_OPTIONAL])
+    add_outputs(pb, config, [("text_output", "STRING", [-1])])
+    set_params(
         config,
         {
             "tensorrt_llm_model_name": LLM,
@@ -272,20 +223,11 @@ def _bls(pb, batch: int, decoupled: bool):
             "accumulate_tokens": False,
         },
     )
-    _cpu_instances(pb, config)
+    cpu_instances(pb, config)
     return config
 
 
 # -- checks
-
-
-def parse_config(text: str, origin: str = "config.pbtxt"):
-    """A config.pbtxt as Triton's ModelConfig; CompactLMError if protobuf's text parser refuses it."""
-    pb, text_format = _pb()
-    try:
-        return text_format.Parse(text, pb.ModelConfig())
-    except text_format.ParseError as exc:
-        raise CompactLMError(f"{origin} is not a valid Triton model config: {exc}") from exc
 
 
 def check_repository(configs: dict) -> None:
@@ -375,7 +317,7 @@ def build_configs(engine_dir: Path, cfg: TritonRepoConfig) -> tuple[dict, list[s
     if manifest.backend_info.get("engine_built") is False:
         command = manifest.backend_info.get("trtllm_build_command", "trtllm-build ...")
         notices.append(f"the engine is not built yet: first run `cd {engine_dir} && {command}` on the GPU host")
-    pb, text_format = _pb()
+    pb, text_format = protobufs()
     configs = {
         PREPROCESSING: _preprocessing(pb, batch, tokenizer_dir),
         LLM: _llm(pb, batch, cfg, engine_path),
@@ -415,7 +357,7 @@ def write_triton_repo(
     if llmapi_source is not None:
         raise CompactLMError("--llmapi-source is for the current flow's llmapi repository (a trtllm engine folder)")
     configs, notices, tp_size = build_configs(engine_dir, cfg)
-    _, text_format = _pb()
+    _, text_format = protobufs()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
