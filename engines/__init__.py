@@ -6,7 +6,8 @@
         completions = engine.generate([[1, 2, 3]], max_new_tokens=16)
 
 Backends (engines/registry.py): `cpu` (OpenVINO GenAI, the embedded default), `torch` (transformers generate,
-the reference) and `trtllm` (TensorRT-LLM FP16/FP8 via a modelopt checkpoint). Each engine folder carries
+the reference), `trtllm` (TensorRT-LLM's current flow: the HF or ModelOpt unified FP8 checkpoint it loads directly,
+with its LLM arguments) and `trtllm-engine` (the legacy trtllm-build flow). Each engine folder carries
 engine.json (engines/manifest.py): its source, precision, limits and the versions it was built with.
 """
 

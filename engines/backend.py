@@ -38,11 +38,11 @@ class Backend(ABC):
         """Raise a CompactLMError when this backend cannot run the model's shape (caught at build time)."""
 
     def check_quantized(self, fmt: str, config: BuildConfig) -> None:
-        """A checkpoint quantized by `compress quantize` (modelopt fake-quant, smoothing folded into its weights):
-        refused unless the backend exports modelopt's scales (trtllm overrides this)."""
+        """A checkpoint quantized by `compress quantize` (a ModelOpt unified checkpoint): refused unless the backend
+        runs it (trtllm overrides this)."""
         raise CompactLMError(
             f"the checkpoint is quantized with modelopt ({fmt}); the {self.name} backend would read it as a plain "
-            f"model and lose (or corrupt, for SmoothQuant and AWQ) the quantization: build it with --backend trtllm "
+            f"model and lose the quantization: build it with --backend trtllm "
             f"--precision {fmt}, or build its unquantized parent with this backend's own precisions "
             f"({', '.join(self.precisions)})"
         )
