@@ -112,48 +112,86 @@ def evaluate_models(
     tasks: list[str] | None = None,
     task_limit: int | None = None,
     task_batch_size: int = 16,
+    harness: str = "compactlm",
+    num_fewshot: int | None = None,
 ) -> pd.DataFrame:
     """Held-out loss/perplexity of several checkpoints on the same held-out sequences (one row each).
 
     With `tasks` (see compactlm.compress.tasks), each row also gets `acc_<task>`: multiple-choice accuracy on the same
-    `task_limit` examples of each task for every model, with `chance_<task>` and `n_<task>` (examples).
+    `task_limit` examples of each task for every model, with `chance_<task>`, `n_<task>` (examples) and
+    `seconds_tasks` (the scoring's wall time). `harness="lm-eval"` scores them with lm-evaluation-harness instead
+    (compactlm.compress.harness: the bundled tasks offline, any lm-eval task name where its data can be fetched).
     """
-    examples = {task: load_task(task, task_limit) for task in tasks or []}  # pulls the tasks before any model
+    import tempfile
+    import time
+
+    if harness not in ("compactlm", "lm-eval"):
+        raise CompactLMError(f"harness must be compactlm or lm-eval, not {harness!r}")
+    if num_fewshot is not None and harness != "lm-eval":
+        raise CompactLMError("--num-fewshot is lm-eval's: give --harness lm-eval")
+    examples, lm_eval = {}, None
+    scratch = tempfile.TemporaryDirectory(prefix="compactlm-lm-eval-")
+    if harness == "lm-eval" and tasks:
+        from compactlm.compress import harness as lm_harness
+
+        mapping = lm_harness.write_tasks(tasks, task_limit, Path(scratch.name))  # pulls the tasks before any model
+        manager = lm_harness.task_manager(Path(scratch.name))
+        lm_harness.check_tasks(mapping, manager)
+        lm_eval = (lm_harness, mapping, manager)
+    else:
+        examples = {task: load_task(task, task_limit) for task in tasks or []}  # pulls the tasks before any model
     rows = []
     sequences, vocab = None, None
-    with stage_progress() as update:
-        for i, path in enumerate(paths):
-            model = load_model(path)
-            if sequences is None:
-                sequences = calibration_data(path, data, samples, seq_len, split="heldout")
-                vocab = model.config.vocab_size
-            elif model.config.vocab_size != vocab:
-                raise CompactLMError(f"{path} has another vocabulary than {paths[0]}: perplexities would not compare")
-            result = perplexity(model, sequences, batch_size)
-            rows.append(
-                {
-                    "model": (names or paths)[i],
-                    "path": str(path),
-                    "params": count_model_params(model),
-                    "heldout_loss": result.loss,
-                    "perplexity": result.perplexity,
-                    "tokens": result.tokens,
-                    "data": str(data),
-                }
-            )
-            tokenizer = load_tokenizer(path) if examples else None
-            results = {
-                task: multiple_choice_accuracy(
-                    model,
-                    tokenizer,
-                    task_examples,
-                    task_batch_size,
-                    progress=lambda done, total, stage=f"{(names or paths)[i]}: {task}": update(stage, done, total),
+    try:
+        with stage_progress() as update:
+            for i, path in enumerate(paths):
+                model = load_model(path)
+                if sequences is None:
+                    sequences = calibration_data(path, data, samples, seq_len, split="heldout")
+                    vocab = model.config.vocab_size
+                elif model.config.vocab_size != vocab:
+                    raise CompactLMError(
+                        f"{path} has another vocabulary than {paths[0]}: perplexities would not compare"
+                    )
+                result = perplexity(model, sequences, batch_size)
+                rows.append(
+                    {
+                        "model": (names or paths)[i],
+                        "path": str(path),
+                        "params": count_model_params(model),
+                        "heldout_loss": result.loss,
+                        "perplexity": result.perplexity,
+                        "tokens": result.tokens,
+                        "data": str(data),
+                    }
                 )
-                for task, task_examples in examples.items()
-            }
-            for column, field in (("acc", "accuracy"), ("chance", "chance"), ("n", "examples")):
-                rows[-1].update({f"{column}_{task}": getattr(result, field) for task, result in results.items()})
-            update("evaluate", i + 1, len(paths))
-            del model
+                tokenizer = load_tokenizer(path) if examples or lm_eval else None
+                started = time.perf_counter()
+                if lm_eval is not None:
+                    module, mapping, manager = lm_eval
+                    update(f"{(names or paths)[i]}: lm-eval {', '.join(mapping)}", 0, 1)
+                    results = module.evaluate(
+                        model, tokenizer, mapping, manager, num_fewshot, task_limit, task_batch_size
+                    )
+                else:
+                    results = {
+                        task: multiple_choice_accuracy(
+                            model,
+                            tokenizer,
+                            task_examples,
+                            task_batch_size,
+                            progress=lambda done, total, stage=f"{(names or paths)[i]}: {task}": update(
+                                stage, done, total
+                            ),
+                        )
+                        for task, task_examples in examples.items()
+                    }
+                if results:
+                    rows[-1]["seconds_tasks"] = round(time.perf_counter() - started, 1)
+                for column, field in (("acc", "accuracy"), ("chance", "chance"), ("n", "examples")):
+                    rows[-1].update({f"{column}_{task}": getattr(result, field) for task, result in results.items()})
+                update("evaluate", i + 1, len(paths))
+                del model
+    finally:
+        scratch.cleanup()
     return pd.DataFrame(rows)

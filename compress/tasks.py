@@ -19,12 +19,15 @@ the task's own setting instead (each choice after `choice_prefix`, default "\\n 
 shuffled per example, seeded by the example's position in the file).
 
 Scoring: prompt and choice are tokenized separately and their ids concatenated, so the scored tokens are
-exactly the choice's; a choice's score is the mean log-probability of its tokens given the prompt (length
-normalisation: a long correct answer is not beaten by a short wrong one just for having fewer tokens). The
-highest score is the prediction (the first one on a tie). Correct choices are those with the highest
-`target_scores`; chance is the mean over examples of (correct choices / choices), the expected accuracy of a
-uniform random pick. Prompts are cut from the left so that prompt + choice fits `MAX_TOKENS` (and the model's
-context); any BOS token the tokenizer adds is kept.
+exactly the choice's; a choice's log-likelihood is the sum of its tokens' log-probabilities given the prompt, and
+its score that sum divided by the choice's length in characters: lm-evaluation-harness's `acc_norm`, so that the
+fast scorer and `--harness lm-eval` pick the same choice on the same examples (both see the same log-likelihoods:
+SmolLM2 on winowhy, max difference 1.4e-5 nats; tests/unit/compress/test_harness.py). `normalize="none"` is
+lm-eval's `acc`; `"tokens"` (the mean per token) was compactlm's scorer before. The highest score is the
+prediction (the first one on a tie). Correct choices are those with the highest `target_scores`; chance is the
+mean over examples of (correct choices / choices), the expected accuracy of a uniform random pick. Prompts are cut
+from the left so that prompt + choice fits `MAX_TOKENS` (and the model's context); any BOS token the tokenizer
+adds is kept.
 
 Subset: `load_task(name, limit, seed)` takes the first `limit` examples of the task's examples shuffled with
 `random.Random(seed)`, returned in file order: fixed for a seed, and a larger limit extends a smaller one.
@@ -53,6 +56,7 @@ BIGBENCH_SPEC = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 SDIST_ENV = "COMPACTLM_BIGBENCH_SDIST"
+NORMALIZATIONS = ("chars", "none", "tokens")
 MAX_TOKENS = 1024
 """Longest prompt + choice scored, in tokens (prompts are cut from the left beyond it)."""
 
@@ -97,6 +101,8 @@ class ChoiceAccuracy:
     """Expected accuracy of a uniform random pick on the same examples."""
     examples: int
     predictions: tuple[int, ...]
+    loglikelihoods: tuple[tuple[float, ...], ...] = ()
+    """Per example, the summed log-probability of each choice's tokens (lm-eval's `resps`)."""
 
 
 def resolve_task_names(names: str | Iterable[str] | None) -> list[str]:
@@ -332,6 +338,14 @@ def _mean_logprobs(model, rows: Sequence[tuple[int, int, list[int], int]], pad_i
     """Mean log-probability of each row's choice tokens (-inf for an empty choice), in one right-padded forward."""
     import torch
 
+    sums, counts = _logprob_sums(model, rows, pad_id)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), -torch.inf)
+
+
+def _logprob_sums(model, rows: Sequence[tuple[int, int, list[int], int]], pad_id: int):
+    """(summed log-probability, token count) of each row's choice tokens, in one right-padded forward."""
+    import torch
+
     width = max(len(ids) for _, _, ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -350,7 +364,7 @@ def _mean_logprobs(model, rows: Sequence[tuple[int, int, list[int], int]], pad_i
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
         sums.index_add_(0, rows_t, logprobs)
         counts.index_add_(0, rows_t, torch.ones_like(logprobs))
-    return torch.where(counts > 0, sums / counts.clamp(min=1), -torch.inf)
+    return sums, counts
 
 
 def multiple_choice_accuracy(
@@ -360,8 +374,12 @@ def multiple_choice_accuracy(
     batch_size: int = 16,
     max_tokens: int = MAX_TOKENS,
     progress: Callable[[int, int], None] | None = None,
+    normalize: str = "chars",
 ) -> ChoiceAccuracy:
-    """Accuracy of `model` picking, for each example, the choice with the highest mean token log-probability.
+    """Accuracy of `model` picking, for each example, the choice with the best score: its summed log-probability
+    divided by its length in characters (`normalize="chars"`, lm-evaluation-harness's acc_norm; the default),
+    not divided (`"none"`, lm-eval's acc), or by its token count (`"tokens"`, compactlm's scorer before it was
+    matched to lm-eval).
 
     Every prompt + choice is one row; rows are sorted by length and run `batch_size` at a time, right-padded.
     `progress(done, total)` is called after each batch.
@@ -370,16 +388,22 @@ def multiple_choice_accuracy(
 
     if not examples:
         raise CompactLMError("no examples to score")
+    if normalize not in NORMALIZATIONS:
+        raise CompactLMError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
     limit = min(max_tokens, getattr(model.config, "max_position_embeddings", None) or max_tokens)
     rows = _encode(tokenizer, examples, limit)
     rows.sort(key=lambda row: -len(row[2]))  # similar lengths share a batch: little padding
     scores = torch.full((len(examples), max(len(x.choices) for x in examples)), -torch.inf, dtype=torch.float64)
+    sums = [[0.0] * len(x.choices) for x in examples]
     pad_id = tokenizer.eos_token_id or 0  # padded positions are masked and never scored
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            for (e, c, _, _), score in zip(batch, _mean_logprobs(model, batch, pad_id).tolist(), strict=True):
-                scores[e, c] = score
+            total, counts = _logprob_sums(model, batch, pad_id)
+            for (e, c, _, _), ll, n in zip(batch, total.tolist(), counts.tolist(), strict=True):
+                sums[e][c] = ll
+                length = {"chars": len(examples[e].choices[c]), "tokens": n, "none": 1}[normalize]
+                scores[e, c] = ll / length if n and length else -torch.inf  # an empty choice never wins
             if progress is not None:
                 progress(min(start + batch_size, len(rows)), len(rows))
     predictions = tuple(int(i) for i in scores.argmax(dim=1))  # the first maximum on a tie
@@ -389,4 +413,5 @@ def multiple_choice_accuracy(
         chance=sum(x.chance for x in examples) / len(examples),
         examples=len(examples),
         predictions=predictions,
+        loglikelihoods=tuple(tuple(row) for row in sums),
     )

@@ -162,10 +162,19 @@ def eval_cmd(
     task_limit: Annotated[
         int, typer.Option(help="Examples per task: a fixed seeded subset, the same for every model.")
     ] = 100,
+    harness: Annotated[
+        str,
+        typer.Option(
+            help="compactlm (the fast scorer, default) or lm-eval (EleutherAI's lm-evaluation-harness in process: "
+            "the bundled tasks offline, any lm-eval task name where its data set can be downloaded)."
+        ),
+    ] = "compactlm",
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples per prompt.")] = None,
     out: Annotated[Path | None, typer.Option(help="Also save the table (.csv or .parquet).")] = None,
 ) -> None:
     """Held-out LM loss and perplexity of one or more models, side by side (the held-out split only), and
-    optionally multiple-choice task accuracy (length-normalised log-likelihood) against chance."""
+    optionally multiple-choice task accuracy against chance (log-likelihood over the choice's length in
+    characters: lm-eval's acc_norm, with either harness)."""
     from compactlm.compress.checkpoint import inspect_checkpoint
     from compactlm.compress.data import check_data
     from compactlm.compress.operations import evaluate_models
@@ -174,7 +183,13 @@ def eval_cmd(
 
     if out is not None and out.suffix not in (".csv", ".parquet"):
         raise CompactLMError("--out must end in .csv or .parquet")
-    task_names = resolve_task_names(tasks)
+    if harness == "lm-eval" and tasks:
+        from compactlm.compress.tasks import TASKS
+
+        task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+        task_names = list(TASKS) if "all" in task_names else task_names
+    else:
+        task_names = resolve_task_names(tasks)
     if task_limit < 1:
         raise CompactLMError("--task-limit must be at least 1")
     checkpoints = [inspect_checkpoint(m) for m in models]  # validate every model before evaluating any
@@ -183,9 +198,18 @@ def eval_cmd(
     paths = [c.path for c in checkpoints]
     check_data(data, split="heldout")
     frame = evaluate_models(
-        paths, data, samples, seq_len, batch_size, names=models, tasks=task_names, task_limit=task_limit
+        paths,
+        data,
+        samples,
+        seq_len,
+        batch_size,
+        names=models,
+        tasks=task_names,
+        task_limit=task_limit,
+        harness=harness,
+        num_fewshot=num_fewshot,
     )
-    extra = [c for c in frame.columns if c.startswith(("chance_", "n_"))]
+    extra = [c for c in frame.columns if c.startswith(("chance_", "n_", "seconds_"))]
     title = f"held-out perplexity ({data}, {samples} x {seq_len} tokens)"
     table = results_table(frame.drop(columns=extra), title=title + (" and task accuracy" if task_names else ""))
     if task_names:  # chance as a last row under the accuracies
@@ -194,7 +218,12 @@ def eval_cmd(
         cells = [f"{first['chance_' + c.header[4:]]:.3f}" if c.header.startswith("acc_") else "" for c in table.columns]
         table.add_row("chance", *cells[1:])
         counts = ", ".join(f"{t} {first['n_' + t]}" for t in task_names)
-        table.caption = f"acc_<task>: multiple-choice accuracy (mean log-prob per choice token); examples: {counts}"
+        how = "lm-evaluation-harness" if harness == "lm-eval" else "compactlm's scorer"
+        seconds = ", ".join(f"{m} {t:.0f} s" for m, t in zip(frame["model"], frame["seconds_tasks"], strict=True))
+        table.caption = (
+            f"acc_<task>: multiple-choice accuracy, {how} (acc_norm: log-likelihood / choice characters); "
+            f"examples: {counts}; scoring time: {seconds}"
+        )
     console.print(table)
     if out is not None:
         if out.suffix == ".parquet":

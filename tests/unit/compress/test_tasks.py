@@ -222,9 +222,15 @@ def test_length_normalisation_picks_the_better_per_token_choice():
     assert [r[2] for r in rows] == [[1, 2], [1, 3, 4]]
     scores = tasks._mean_logprobs(model, rows, pad_id=0)
     assert torch.allclose(scores, torch.tensor([-1.0, -0.6], dtype=torch.float64), atol=1e-5)
-    assert -1.0 > -1.2  # a summed log-likelihood would have picked " A"
-    result = multiple_choice_accuracy(model, tokenizer, [ChoiceExample("Q", (" A", " B C"), frozenset({1}))])
-    assert result.predictions == (1,) and result.accuracy == 1.0
+    example = [ChoiceExample("Q", (" A", " B C"), frozenset({1}))]
+    by_tokens = multiple_choice_accuracy(model, tokenizer, example, normalize="tokens")
+    assert by_tokens.predictions == (1,) and by_tokens.accuracy == 1.0
+    assert multiple_choice_accuracy(model, tokenizer, example, normalize="none").predictions == (0,)  # -1.0 > -1.2
+    by_chars = multiple_choice_accuracy(model, tokenizer, example)  # lm-eval's acc_norm: -1.0 / 2 < -1.2 / 4
+    assert by_chars.predictions == (1,)
+    assert by_chars.loglikelihoods[0] == pytest.approx((-1.0, -1.2), abs=1e-5)
+    with pytest.raises(CompactLMError, match="normalize must be one of"):
+        multiple_choice_accuracy(model, tokenizer, example, normalize="bytes")
 
 
 def test_accuracy_and_chance_on_scripted_answers():
