@@ -1,8 +1,8 @@
 """Integration: the BIG-bench tasks pulled for real (once, into the real cache) and SmolLM2-135M above chance.
 
-Measured (cloze prompts, mean log-prob per choice token): general_knowledge 0.33 on all 70 examples (chance
-0.14), social_iqa 0.48 on the fixed 100-example subset (chance 0.34). The margins asserted below leave room for
-a few examples to flip on another CPU, and fail if scoring degrades to guessing.
+Measured (cloze prompts, log-likelihood / choice characters, lm-eval's acc_norm): see the README's task table.
+The margins asserted below leave room for a few examples to flip on another CPU, and fail if scoring degrades to
+guessing.
 """
 
 from __future__ import annotations
@@ -40,3 +40,18 @@ def test_smollm2_beats_chance(task, limit, margin, smollm2):
     model, tokenizer = smollm2
     result = multiple_choice_accuracy(model, tokenizer, load_task(task, limit))
     assert result.accuracy >= result.chance + margin, (task, result.accuracy, result.chance)
+
+
+def test_lm_eval_and_compactlms_scorer_agree_on_smollm2(smollm2, tmp_path):
+    """The same log-likelihoods, so the same pick on every example (README: measured on 4 tasks x 100)."""
+    pytest.importorskip("lm_eval")
+    from compactlm.compress import harness
+
+    model, tokenizer = smollm2
+    mapping = harness.write_tasks(["social_iqa"], 30, tmp_path)
+    result = harness.evaluate(model, tokenizer, mapping, harness.task_manager(tmp_path))["social_iqa"]
+    examples = load_task("social_iqa", 30)
+    ours = multiple_choice_accuracy(model, tokenizer, examples)
+    for theirs, mine in zip(result.loglikelihoods, ours.loglikelihoods, strict=True):
+        assert theirs == pytest.approx(mine, abs=1e-3)
+    assert result.hits_norm == tuple(float(p in e.correct) for p, e in zip(ours.predictions, examples, strict=True))
