@@ -155,7 +155,7 @@ def evaluate(model, tokenizer, mapping: dict[str, str], manager, num_fewshot: in
                 tasks=list(mapping.values()),
                 task_manager=manager,
                 num_fewshot=num_fewshot,
-                limit=None if all(t.startswith(PREFIX) for t in mapping.values()) else limit,
+                limit=limit,  # the bundled tasks' files hold `limit` examples already: a no-op for them
                 log_samples=True,
                 bootstrap_iters=0,
             )

@@ -129,9 +129,9 @@ def evaluate_models(
         raise CompactLMError(f"harness must be compactlm or lm-eval, not {harness!r}")
     if num_fewshot is not None and harness != "lm-eval":
         raise CompactLMError("--num-fewshot is lm-eval's: give --harness lm-eval")
-    examples, lm_eval = {}, None
-    scratch = tempfile.TemporaryDirectory(prefix="compactlm-lm-eval-")
+    examples, lm_eval, scratch = {}, None, None
     if harness == "lm-eval" and tasks:
+        scratch = tempfile.TemporaryDirectory(prefix="compactlm-lm-eval-")  # the bundled tasks as lm-eval tasks
         from compactlm.compress import harness as lm_harness
 
         mapping = lm_harness.write_tasks(tasks, task_limit, Path(scratch.name))  # pulls the tasks before any model
@@ -193,5 +193,6 @@ def evaluate_models(
                 update("evaluate", i + 1, len(paths))
                 del model
     finally:
-        scratch.cleanup()
+        if scratch is not None:
+            scratch.cleanup()
     return pd.DataFrame(rows)

@@ -106,14 +106,9 @@ def check_consistent(config, model: dict, manifest) -> None:
         or config.model_transaction_policy.decoupled != triton["decoupled"]
     ):
         raise CompactLMError("config.pbtxt and model.yaml disagree on max_batch_size or decoupled")
-    limits = manifest.limits
-    expected = {
-        "tensor_parallel_size": manifest.tp_size,
-        "max_batch_size": limits.max_batch_size,
-        "max_input_len": limits.max_input_len,
-        "max_seq_len": limits.max_seq_len,
-        "max_num_tokens": limits.max_num_tokens,
-    }
+    from compactlm.engines.backends.trtllm.llm_args import shape_args
+
+    expected = shape_args(manifest.tp_size, manifest.limits)
     wrong = {k: (model.get(k), v) for k, v in expected.items() if model.get(k) != v}
     if wrong:
         raise CompactLMError(f"the engine's llm_args.yaml disagrees with its manifest: {wrong} (rebuild the engine)")

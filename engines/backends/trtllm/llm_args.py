@@ -30,15 +30,22 @@ def reference() -> dict:
     return json.loads(FIELDS_FILE.read_text())
 
 
-def llm_args(config: BuildConfig) -> dict:
-    """The LLM arguments of a build: parallelism, the limits, the KV cache and CUDA graphs up to the batch size."""
-    limits = config.limits
-    args = {
-        "tensor_parallel_size": config.tp_size,
+def shape_args(tp_size: int, limits) -> dict:
+    """The LLM arguments that restate the engine's parallelism and limits (what must agree with engine.json)."""
+    return {
+        "tensor_parallel_size": tp_size,
         "max_batch_size": limits.max_batch_size,
         "max_input_len": limits.max_input_len,
         "max_seq_len": limits.max_seq_len,
         "max_num_tokens": limits.max_num_tokens,
+    }
+
+
+def llm_args(config: BuildConfig) -> dict:
+    """The LLM arguments of a build: parallelism, the limits, the KV cache and CUDA graphs up to the batch size."""
+    limits = config.limits
+    args = {
+        **shape_args(config.tp_size, limits),
         "kv_cache_config": {"free_gpu_memory_fraction": KV_CACHE_FRACTION, "enable_block_reuse": True},
         "cuda_graph_config": {"max_batch_size": limits.max_batch_size, "enable_padding": True},
     }
