@@ -1,4 +1,5 @@
-"""Depth importance: LM loss with a layer (or a contiguous block) removed, Block Influence, and layer choice.
+"""Depth importance: LM loss or task accuracy with a layer (or a contiguous block) removed, Block Influence, and
+layer choice.
 
 Removing a block is simulated by swapping its decoder layers for a pass-through module, so the same model
 answers every candidate without copying weights.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -63,43 +64,63 @@ class _ReplayLayer(nn.Module):
 def removal_losses(
     model, sequences: torch.Tensor, block_sizes: Sequence[int], batch_size: int, progress=None
 ) -> tuple[float, dict[int, torch.Tensor]]:
-    """Base LM loss and, for each block size k, the loss with layers [i, i+k) removed, for every start i.
+    """Base LM loss and, for each block size k, the loss with layers [i, i+k) removed, for every start i."""
+    batches = [sequences[s : s + batch_size] for s in range(0, len(sequences), batch_size)]
 
-    The layers before a removed block compute exactly what they compute in the base forward, so their
-    output is stored once (depth set x hidden x layers floats) and replayed: a candidate only pays for the
-    layers after its block and the LM head, about half a forward on average.
+    def loss(results: list[tuple[float, int]]) -> tuple[float]:
+        return (sum(r[0] for r in results) / sum(r[1] for r in results),)
+
+    base, table = removal_scores(model, batches, block_sizes, _batch_loss, loss, progress)
+    return base[0], {k: v[:, 0] for k, v in table.items()}
+
+
+@torch.inference_mode()
+def removal_scores(
+    model,
+    batches: Sequence,
+    block_sizes: Sequence[int],
+    run: Callable,
+    reduce: Callable[[list], tuple[float, ...]],
+    progress=None,
+) -> tuple[tuple[float, ...], dict[int, torch.Tensor]]:
+    """A score of the base model and, for each block size k, of the model with layers [i, i+k) removed, for
+    every start i: `reduce([run(model, batch) for batch in batches])`, a tuple of floats (loss; accuracy, margin).
+
+    The layers before a removed block compute exactly what they compute in the base forward, so their output is
+    stored once and replayed: a candidate only pays for the layers after its block and the LM head, about half a
+    forward on average. Only the outputs a candidate replays are kept (layers 0 .. L - min(k) - 1): batches x
+    tokens x hidden x those layers floats.
     """
     layers = decoder_layers(model)
     num_layers = len(layers)
-    batches = [sequences[s : s + batch_size] for s in range(0, len(sequences), batch_size)]
+    kept = num_layers - min(block_sizes)  # a block starting at i replays layer i - 1's output; i <= L - k
     outputs: list[list[torch.Tensor]] = []  # [batch][layer] -> that layer's output in the base forward
     handles = [
         layer.register_forward_hook(lambda _m, _a, out, j=j: outputs[-1].__setitem__(j, out))
-        for j, layer in enumerate(layers)
+        for j, layer in enumerate(layers[:kept])
     ]
     try:
-        total = count = 0.0
+        base_results = []
         for batch in batches:
             outputs.append([None] * num_layers)
-            batch_loss, batch_count = _batch_loss(model, batch)
-            total, count = total + batch_loss, count + batch_count
+            base_results.append(run(model, batch))
     finally:
         for handle in handles:
             handle.remove()
-    base = total / count
-    results = {}
+    base = reduce(base_results)
+    table = {}
     for k in block_sizes:
-        losses = []
+        scores = []
         for start in range(num_layers - k + 1):
-            total = 0.0
+            results = []
             for b, batch in enumerate(batches):
                 with _replaced(model, start, k, outputs[b]):
-                    total += _batch_loss(model, batch)[0]
-            losses.append(total / count)
+                    results.append(run(model, batch))
+            scores.append(reduce(results))
             if progress is not None:
                 progress()
-        results[k] = torch.tensor(losses, dtype=torch.float64)
-    return base, results
+        table[k] = torch.tensor(scores, dtype=torch.float64).reshape(len(scores), -1)
+    return base, table
 
 
 @contextlib.contextmanager
@@ -154,6 +175,42 @@ class BlockInfluence:
 
 
 DEPTH_METRICS = ("block-loss", "layer-loss", "block-influence")
+TASK_METRIC = "task:"
+"""`task:NAME`: the contiguous block whose removal keeps the accuracy on task NAME highest (the paper's choice)."""
+
+
+def depth_task(metric: str) -> str | None:
+    """The task a depth metric scores by (`task:NAME`), None for the loss and influence metrics; refuses unknown
+    metrics and unknown tasks, listing what exists."""
+    if metric in DEPTH_METRICS:
+        return None
+    if not metric.startswith(TASK_METRIC):
+        raise CompactLMError(
+            f"unknown depth metric {metric!r}; choose one of {', '.join(DEPTH_METRICS)} or task:NAME "
+            "(NAME one of the bundled tasks, e.g. task:winowhy)"
+        )
+    from compactlm.compress.tasks import TASKS, resolve_task_names
+
+    name = metric[len(TASK_METRIC) :]
+    if name not in TASKS:
+        resolve_task_names([name])  # the error that lists the bundled tasks
+        raise CompactLMError(f"--depth-metric task:NAME takes one task, one of {', '.join(TASKS)}; not {name!r}")
+    return name
+
+
+@torch.inference_mode()
+def task_removals(
+    model, examples: Sequence, batches: Sequence, block_sizes: Sequence[int], progress=None
+) -> tuple[tuple[float, float], dict[int, torch.Tensor]]:
+    """(accuracy, margin) of the base model on a multiple-choice task and, per block size k, [starts, 2]: the same
+    with layers [i, i+k) removed (compactlm.compress.tasks: `batches` from `choice_batches`)."""
+    from compactlm.compress.tasks import grade, logprob_sums
+
+    def reduce(results: list) -> tuple[float, float]:
+        result = grade(examples, batches, results)
+        return result.accuracy, result.margin
+
+    return removal_scores(model, batches, block_sizes, logprob_sums, reduce, progress)
 
 
 def choose_layers_to_drop(scores, num_drop: int, metric: str = "block-loss") -> list[int]:
@@ -162,11 +219,23 @@ def choose_layers_to_drop(scores, num_drop: int, metric: str = "block-loss") -> 
     block-loss: the contiguous block of `num_drop` layers whose removal raises LM loss least.
     layer-loss: the `num_drop` layers whose individual removal raises LM loss least.
     block-influence: the contiguous block with the lowest Block Influence (most similar input and output).
+    task:NAME: the contiguous block whose removal leaves the highest accuracy on task NAME; among blocks of equal
+    accuracy (a few dozen examples give few distinct values), the one with the largest margin of right answers.
     """
-    if metric not in DEPTH_METRICS:
-        raise CompactLMError(f"unknown depth metric {metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
+    task = depth_task(metric)
     if num_drop == 0:
         return []
+    if task is not None:
+        table = scores.task_removal.get(task, {})
+        if num_drop not in table:
+            raise CompactLMError(
+                f"the importance scores have no {task} accuracy for blocks of {num_drop} layer(s), which "
+                f"--depth-metric {metric} needs: re-run importance with --depth-task {task} and --block-sizes "
+                f"including {num_drop}, or prune without --scores"
+            )
+        accuracy, margin = table[num_drop][:, 0].tolist(), table[num_drop][:, 1].tolist()
+        start = min(range(len(accuracy)), key=lambda i: (-accuracy[i], -margin[i], i))
+        return list(range(start, start + num_drop))
     if metric == "layer-loss":
         per_layer = _need(scores.removal_loss, 1, "removal loss", metric)
         return sorted(torch.argsort(per_layer)[:num_drop].tolist())

@@ -5,7 +5,8 @@ Scored at once, per the paper:
 - attention heads: the L2 norm over head_dim of each head's attention output (input of o_proj); a KV group's
   score is the sum of its heads';
 - embedding channels: |RMSNorm outputs|, summed over every norm of the model;
-- depth: Block Influence of layers and blocks, and (extra passes) LM loss with each layer or block removed.
+- depth: Block Influence of layers and blocks, and (extra passes) LM loss, or accuracy on a multiple-choice task,
+  with each layer or block removed.
 
 Each activation is reduced over the sequence within its sample (`seq_agg`), then accumulated over samples
 (`batch_agg`) as running sums, so memory does not grow with the number of samples. The paper's best for
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from compactlm.compress.arch import ATTN_O, MLP_DOWN, decoder_layers, shape_of
-from compactlm.compress.depth import BlockInfluence, removal_losses
+from compactlm.compress.depth import BlockInfluence, removal_losses, task_removals
+from compactlm.compress.tasks import choice_batches, load_task
 from compactlm.core.errors import CompactLMError
 from compactlm.core.io import atomic_file
 
@@ -47,6 +49,12 @@ class ImportanceConfig:
     """Contiguous block sizes scored by removal loss and Block Influence (1 = single layers)."""
     removal_loss: bool = True
     """Compute the layer-removal LM losses (extra forward passes); Block Influence is always computed."""
+    depth_tasks: tuple[str, ...] = ()
+    """Bundled multiple-choice tasks scored with each candidate block removed (depth by task accuracy,
+    `--depth-metric task:NAME`): one forward over the task's rows per candidate, layers before the block replayed."""
+    task_samples: int = 128
+    """Examples of each depth task, the last of the task's fixed order (compactlm.compress.tasks.load_task(tail=True)):
+    disjoint from the evaluation's first examples while the two together fit in the task."""
 
     def __post_init__(self):
         for name in ("seq_agg", "batch_agg"):
@@ -56,6 +64,11 @@ class ImportanceConfig:
             raise CompactLMError("batch_size must be at least 1")
         if self.depth_samples < 1:
             raise CompactLMError("depth_samples must be at least 1")
+        if self.task_samples < 1:
+            raise CompactLMError("task_samples must be at least 1")
+        from compactlm.compress.tasks import resolve_task_names
+
+        self.depth_tasks = tuple(resolve_task_names(list(self.depth_tasks)))
         self.block_sizes = tuple(sorted(set(int(k) for k in self.block_sizes)))
         if not self.block_sizes or self.block_sizes[0] < 1:
             raise CompactLMError("block sizes must be positive integers")
@@ -76,6 +89,9 @@ class ImportanceScores:
     removal_loss: dict[int, torch.Tensor] = field(default_factory=dict)
     """block size k -> [layers - k + 1]: LM loss with layers [i, i+k) removed."""
     base_loss: float | None = None
+    task_removal: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    """task -> block size k -> [layers - k + 1, 2]: (accuracy, margin) on the task with layers [i, i+k) removed;
+    the base model's are in meta["task_base"]."""
     meta: dict = field(default_factory=dict)
 
     def groups(self, num_query_groups: int) -> torch.Tensor:
@@ -89,6 +105,7 @@ class ImportanceScores:
         tensors = {"mlp": self.mlp, "heads": self.heads, "hidden": self.hidden}
         tensors |= {f"block_influence.{k}": v for k, v in self.block_influence.items()}
         tensors |= {f"removal_loss.{k}": v for k, v in self.removal_loss.items()}
+        tensors |= {f"task_removal.{t}.{k}": v for t, table in self.task_removal.items() for k, v in table.items()}
         meta = dict(self.meta, base_loss=self.base_loss)
         path = Path(path)
         with atomic_file(path) as tmp:
@@ -117,6 +134,7 @@ class ImportanceScores:
             block_influence=table("block_influence"),
             removal_loss=table("removal_loss"),
             base_loss=meta.pop("base_loss", None),
+            task_removal=_task_tables(tensors),
             meta=meta,
         )
 
@@ -135,6 +153,15 @@ class ImportanceScores:
                     f"the importance scores do not match this model: {name} scores have shape {got}, "
                     f"the model needs {want} (scores of {self.meta.get('model', 'another model')})"
                 )
+
+
+def _task_tables(tensors: dict[str, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
+    tables: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("task_removal."):
+            _, task, k = key.split(".")
+            tables.setdefault(task, {})[int(k)] = value
+    return tables
 
 
 class _Accumulator:
@@ -191,14 +218,18 @@ def estimate_importance(
     *,
     meta: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    tokenizer=None,
 ) -> ImportanceScores:
     """Score MLP neurons, heads, embedding channels and layers of `model` on calibration `sequences` [N, L].
 
     One hooked forward pass over all sequences gives the width scores and Block Influence; the layer-removal
-    losses take one more pass over `depth_samples` sequences per candidate block. `progress(stage, done,
+    losses take one more pass over `depth_samples` sequences per candidate block, and each of `depth_tasks` (which
+    needs the model's `tokenizer`) one pass over `task_samples` examples' rows per candidate. `progress(stage, done,
     total)` is called as work advances.
     """
     config = config or ImportanceConfig()
+    if config.depth_tasks and tokenizer is None:
+        raise CompactLMError("depth importance by task accuracy needs the model's tokenizer")
     if sequences.ndim != 2 or sequences.shape[0] == 0:
         raise CompactLMError("calibration data is empty: need at least one sequence")
     shape = shape_of(model.config)
@@ -265,7 +296,23 @@ def estimate_importance(
 
         base_loss, removal = removal_losses(model, depth_set, config.block_sizes, config.batch_size, tick)
 
+    task_removal, task_meta = {}, {}
+    for task in config.depth_tasks:
+        examples = load_task(task, config.task_samples, tail=True)
+        batches = choice_batches(model, tokenizer, examples, batch_size=16)
+        candidates, done = sum(num_layers - k + 1 for k in config.block_sizes), [0]
+
+        def tick(task=task, candidates=candidates, done=done):
+            done[0] += 1
+            if progress:
+                progress(f"depth: {task}", done[0], candidates)
+
+        base, task_removal[task] = task_removals(model, examples, batches, config.block_sizes, tick)
+        task_meta[task] = {"accuracy": base[0], "margin": base[1], "examples": len(examples)}
+
     meta = dict(meta or {})
+    if task_meta:
+        meta["task_base"] = task_meta
     meta.update(
         config=asdict(config),
         samples=int(sequences.shape[0]),
@@ -281,11 +328,14 @@ def estimate_importance(
         block_influence={k: v.float() for k, v in influence.result().items()},
         removal_loss={k: v.float() for k, v in removal.items()},
         base_loss=base_loss,
+        task_removal={t: {k: v.float() for k, v in table.items()} for t, table in task_removal.items()},
         meta=meta,
     )
 
 
-def random_scores(config, seed: int = 0, block_sizes: tuple[int, ...] = (1,)) -> ImportanceScores:
+def random_scores(
+    config, seed: int = 0, block_sizes: tuple[int, ...] = (1,), tasks: tuple[str, ...] = ()
+) -> ImportanceScores:
     """Uniformly random scores of the right shapes: the baseline that importance must beat."""
     shape = shape_of(config)
     gen = torch.Generator().manual_seed(seed)
@@ -297,5 +347,6 @@ def random_scores(config, seed: int = 0, block_sizes: tuple[int, ...] = (1,)) ->
         hidden=rand(shape.hidden_size),
         block_influence={k: rand(layers - k + 1) for k in block_sizes},
         removal_loss={k: rand(layers - k + 1) for k in block_sizes},
+        task_removal={t: {k: rand(layers - k + 1, 2) for k in block_sizes} for t in tasks},
         meta={"random": True, "seed": seed},
     )

@@ -10,6 +10,7 @@ import torch
 
 from compactlm.compress.checkpoint import load_model, load_tokenizer, save_checkpoint
 from compactlm.compress.data import describe, load_sequences
+from compactlm.compress.depth import depth_task
 from compactlm.compress.evaluate import count_model_params, perplexity
 from compactlm.compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
 from compactlm.compress.prune import PruneTarget, needs_scores, prune
@@ -31,8 +32,9 @@ def run_importance(
     path = Path(model.compactlm_path)
     sequences = calibration_data(path, data, samples, seq_len)
     meta = {"model": str(path), "data": describe(data), "split": "train"}
+    tokenizer = load_tokenizer(path) if config is not None and config.depth_tasks else None
     with stage_progress() as update:
-        return estimate_importance(model, sequences, config, meta=meta, progress=update)
+        return estimate_importance(model, sequences, config, meta=meta, progress=update, tokenizer=tokenizer)
 
 
 def prune_checkpoint(
@@ -63,11 +65,13 @@ def prune_checkpoint(
     if scores is None and not needs_scores(model.config, target):
         scores = random_scores(model.config)  # every unit is kept or named explicitly: scores choose nothing
         scores.meta = {"not_needed": "widths unchanged and layers named explicitly"}
+    task = depth_task(target.depth_metric)
     if scores is None and random_seed is not None:
-        scores = random_scores(model.config, seed=random_seed, block_sizes=(1, drop) if drop else (1,))
+        blocks = (1, drop) if drop else (1,)
+        scores = random_scores(model.config, seed=random_seed, block_sizes=blocks, tasks=(task,) if task else ())
     if scores is None:
         cfg = importance or ImportanceConfig()
-        needs_loss = drop > 0 and target.depth_metric != "block-influence"
+        needs_loss = drop > 0 and task is None and target.depth_metric != "block-influence"
         cfg = ImportanceConfig(
             seq_agg=cfg.seq_agg,
             batch_agg=cfg.batch_agg,
@@ -75,6 +79,8 @@ def prune_checkpoint(
             depth_samples=cfg.depth_samples,
             block_sizes=tuple({1, drop} - {0}) if drop else (1,),
             removal_loss=needs_loss,
+            depth_tasks=(task,) if task and drop else (),
+            task_samples=cfg.task_samples,
         )
         scores = run_importance(model, data, samples, seq_len, cfg)
     student, record, kept = prune(model, scores, target)

@@ -25,7 +25,7 @@ from compactlm.compress.arch import (
     shape_of,
     validate_config,
 )
-from compactlm.compress.depth import DEPTH_METRICS, choose_layers_to_drop
+from compactlm.compress.depth import choose_layers_to_drop, depth_task
 from compactlm.compress.importance import ImportanceScores
 from compactlm.core.errors import CompactLMError
 
@@ -44,7 +44,7 @@ class PruneTarget:
     drop_layers: tuple[int, ...] | None = None
     """Drop exactly these layer indices (instead of `num_layers`); a file may write them as `16-29` or `3,5,10-12`."""
     depth_metric: str = "block-loss"
-    """block-loss | layer-loss | block-influence (see compactlm.compress.depth.choose_layers_to_drop)."""
+    """block-loss | layer-loss | block-influence | task:NAME (see compactlm.compress.depth.choose_layers_to_drop)."""
 
     @classmethod
     def config_prepare(cls, data: dict) -> dict:
@@ -70,8 +70,10 @@ class PruneTarget:
             raise CompactLMError("give either --num-layers or --drop-layers, not both", key="drop_layers")
         if self.drop_layers is not None:
             object.__setattr__(self, "drop_layers", tuple(sorted(set(int(i) for i in self.drop_layers))))
-        if self.depth_metric not in DEPTH_METRICS:
-            raise CompactLMError(f"--depth-metric must be one of {', '.join(DEPTH_METRICS)}", key="depth_metric")
+        try:
+            depth_task(self.depth_metric)
+        except CompactLMError as exc:
+            raise CompactLMError(f"--depth-metric: {exc}", key="depth_metric") from exc
 
 
 def parse_layer_ranges(text: str) -> tuple[int, ...]:

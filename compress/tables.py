@@ -13,10 +13,11 @@ if TYPE_CHECKING:
 
 def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
     """Layers ranked from least to most important (by removal loss when measured, else Block Influence)."""
+    from compactlm.compress.depth import choose_layers_to_drop
+
     losses = scores.removal_loss.get(1)
     influence = scores.block_influence.get(1)
-    num_layers = scores.mlp.shape[0]
-    order = sorted(range(num_layers), key=lambda i: float(losses[i] if losses is not None else influence[i]))
+    num_layers = scores.mlp.shape[0] if influence is not None else 0  # single layers unscored: block captions only
     title = "depth importance: layers by LM-loss increase when removed (least important first)"
     if losses is None:
         title = "depth importance: layers by Block Influence (least important first)"
@@ -27,11 +28,16 @@ def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
         table.add_column("loss without it", justify="right")
         table.add_column("Δ loss", justify="right")
     table.add_column("block influence", justify="right")
+    per_layer_tasks = {t: v[1] for t, v in scores.task_removal.items() if 1 in v}
+    for task in per_layer_tasks:
+        table.add_column(f"{task} acc without it", justify="right")
+    order = sorted(range(num_layers), key=lambda i: float(losses[i] if losses is not None else influence[i]))
     for rank, layer in enumerate(order[:rows] if rows else order, start=1):
         cells = [str(rank), str(layer)]
         if losses is not None:
             cells += [f"{float(losses[layer]):.4f}", f"{float(losses[layer]) - scores.base_loss:+.4f}"]
         cells.append(f"{float(influence[layer]):.4f}")
+        cells += [f"{float(v[layer, 0]):.3f}" for v in per_layer_tasks.values()]
         table.add_row(*cells)
     for k, block_losses in sorted(scores.removal_loss.items()):
         if k > 1:
@@ -40,6 +46,15 @@ def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
                 f"best block of {k}: layers {start}-{start + k - 1} "
                 f"(loss {float(block_losses[start]):.4f}, base {scores.base_loss:.4f})  "
             )
+    for task, blocks in sorted(scores.task_removal.items()):
+        base = scores.meta.get("task_base", {}).get(task, {})
+        for k in sorted(blocks):
+            if k > 1:
+                (start, *_) = choose_layers_to_drop(scores, k, f"task:{task}")
+                table.caption = (table.caption or "") + (
+                    f"best block of {k} by {task}: layers {start}-{start + k - 1} (accuracy "
+                    f"{float(blocks[k][start, 0]):.3f}, base {base.get('accuracy', float('nan')):.3f})  "
+                )
     return table
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -47,6 +48,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from compactlm.compress.models import compactlm_home
 from compactlm.core import procs
@@ -103,6 +105,9 @@ class ChoiceAccuracy:
     predictions: tuple[int, ...]
     loglikelihoods: tuple[tuple[float, ...], ...] = ()
     """Per example, the summed log-probability of each choice's tokens (lm-eval's `resps`)."""
+    margin: float = 0.0
+    """Mean over examples of (best correct choice's score - best wrong choice's score): above 0 where the model
+    answers right, and how surely; breaks ties between candidates of equal accuracy (depth by task accuracy)."""
 
 
 def resolve_task_names(names: str | Iterable[str] | None) -> list[str]:
@@ -277,8 +282,12 @@ def parse_task(data: dict, list_choices: bool | None = False) -> list[ChoiceExam
     return examples
 
 
-def load_task(name: str, limit: int | None = None, seed: int = 0) -> list[ChoiceExample]:
-    """A fixed subset of a registered task: the first `limit` of its examples shuffled with `seed`, in file order."""
+def load_task(name: str, limit: int | None = None, seed: int = 0, tail: bool = False) -> list[ChoiceExample]:
+    """A fixed subset of a registered task: the first `limit` of its examples shuffled with `seed`, in file order.
+
+    `tail`: the last `limit` of that order instead, disjoint from every evaluation subset (the first ones) while
+    the two limits together do not exceed the task's size: depth importance by task accuracy chooses on these,
+    so that the evaluation does not grade the model on the examples its layers were chosen by."""
     (name,) = resolve_task_names([name])
     pull_tasks([name])
     try:
@@ -289,13 +298,18 @@ def load_task(name: str, limit: int | None = None, seed: int = 0) -> list[Choice
         ) from exc
     if not examples:
         raise CompactLMError(f"task {name} has no multiple-choice examples")
+    if limit is not None and limit < 1:
+        raise CompactLMError(f"the task example limit must be at least 1, not {limit}")
     if limit is None or limit >= len(examples):
         return examples
-    if limit < 1:
-        raise CompactLMError(f"the task example limit must be at least 1, not {limit}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    return [examples[i] for i in sorted(order[:limit])]
+    return [examples[i] for i in sorted(order[-limit:] if tail else order[:limit])]
+
+
+def task_size(name: str) -> int:
+    """How many multiple-choice examples a registered task has (pulls the tasks once)."""
+    return len(load_task(name))
 
 
 def _special_prefix(tokenizer) -> list[int]:
@@ -338,12 +352,26 @@ def _mean_logprobs(model, rows: Sequence[tuple[int, int, list[int], int]], pad_i
     """Mean log-probability of each row's choice tokens (-inf for an empty choice), in one right-padded forward."""
     import torch
 
-    sums, counts = _logprob_sums(model, rows, pad_id)
+    sums, counts = logprob_sums(model, _batch(rows, pad_id))
     return torch.where(counts > 0, sums / counts.clamp(min=1), -torch.inf)
 
 
-def _logprob_sums(model, rows: Sequence[tuple[int, int, list[int], int]], pad_id: int):
-    """(summed log-probability, token count) of each row's choice tokens, in one right-padded forward."""
+@dataclass(frozen=True)
+class ChoiceBatch:
+    """Prompt + choice rows, right-padded into one forward: which positions are scored, and against which tokens."""
+
+    keys: tuple[tuple[int, int], ...]
+    """(example, choice) of each row."""
+    input_ids: Any
+    attention_mask: Any
+    rows: Any
+    """Row of each scored position."""
+    cols: Any
+    """Position whose logits predict each scored token."""
+    targets: Any
+
+
+def _batch(rows: Sequence[tuple[int, int, list[int], int]], pad_id: int) -> ChoiceBatch:
     import torch
 
     width = max(len(ids) for _, _, ids, _ in rows)
@@ -356,15 +384,71 @@ def _logprob_sums(model, rows: Sequence[tuple[int, int, list[int], int]], pad_id
         row_idx += [b] * (len(ids) - n_prompt)
         col_idx += range(n_prompt - 1, len(ids) - 1)  # the logits at i predict the token at i + 1
         targets += ids[n_prompt:]
-    sums = torch.zeros(len(rows), dtype=torch.float64)
-    counts = torch.zeros(len(rows), dtype=torch.float64)
-    if targets:
-        rows_t = torch.tensor(row_idx)
-        logits = _choice_logits(model, input_ids, mask, rows_t, torch.tensor(col_idx)).double()
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
-        sums.index_add_(0, rows_t, logprobs)
-        counts.index_add_(0, rows_t, torch.ones_like(logprobs))
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    keys = tuple((e, c) for e, c, _, _ in rows)
+    return ChoiceBatch(keys, input_ids, mask, as_long(row_idx), as_long(col_idx), as_long(targets))
+
+
+def choice_batches(
+    model, tokenizer, examples: Sequence[ChoiceExample], batch_size: int = 16, max_tokens: int = MAX_TOKENS
+) -> list[ChoiceBatch]:
+    """Every prompt + choice as one row, rows sorted by length (little padding), `batch_size` rows a batch.
+
+    Built once, the same batches can be scored by many variants of `model` (compactlm.compress.depth replays
+    the layers before a removed block from the base forward of the very same batch)."""
+    if not examples:
+        raise CompactLMError("no examples to score")
+    limit = min(max_tokens, getattr(model.config, "max_position_embeddings", None) or max_tokens)
+    rows = _encode(tokenizer, examples, limit)
+    rows.sort(key=lambda row: -len(row[2]))
+    pad_id = tokenizer.eos_token_id or 0  # padded positions are masked and never scored
+    return [_batch(rows[start : start + batch_size], pad_id) for start in range(0, len(rows), batch_size)]
+
+
+def logprob_sums(model, batch: ChoiceBatch):
+    """(summed log-probability, token count) of each row's choice tokens, float64, in one forward."""
+    import torch
+
+    sums = torch.zeros(len(batch.keys), dtype=torch.float64)
+    counts = torch.zeros(len(batch.keys), dtype=torch.float64)
+    if batch.targets.numel():
+        logits = _choice_logits(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols).double()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None])[:, 0]
+        sums.index_add_(0, batch.rows, logprobs)
+        counts.index_add_(0, batch.rows, torch.ones_like(logprobs))
     return sums, counts
+
+
+def grade(
+    examples: Sequence[ChoiceExample], batches: Sequence[ChoiceBatch], results: Sequence, normalize: str = "chars"
+) -> ChoiceAccuracy:
+    """Accuracy from every batch's `logprob_sums`: each example's prediction is its best-scoring choice."""
+    import torch
+
+    if normalize not in NORMALIZATIONS:
+        raise CompactLMError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
+    scores = torch.full((len(examples), max(len(x.choices) for x in examples)), -torch.inf, dtype=torch.float64)
+    sums = [[0.0] * len(x.choices) for x in examples]
+    for batch, (total, counts) in zip(batches, results, strict=True):
+        for (e, c), ll, n in zip(batch.keys, total.tolist(), counts.tolist(), strict=True):
+            sums[e][c] = ll
+            length = {"chars": len(examples[e].choices[c]), "tokens": n, "none": 1}[normalize]
+            scores[e, c] = ll / length if n and length else -torch.inf  # an empty choice never wins
+    predictions = tuple(int(i) for i in scores.argmax(dim=1))  # the first maximum on a tie
+    hits = sum(p in x.correct for p, x in zip(predictions, examples, strict=True))
+    margins = []  # best right choice's score minus best wrong one's: how surely each example is answered
+    for x, row in zip(examples, scores.tolist(), strict=True):
+        wrong = [v for i, v in enumerate(row[: len(x.choices)]) if i not in x.correct]
+        right = max(row[i] for i in x.correct)
+        margins.append(right - max(wrong) if wrong and math.isfinite(right) and math.isfinite(max(wrong)) else 0.0)
+    return ChoiceAccuracy(
+        accuracy=hits / len(examples),
+        chance=sum(x.chance for x in examples) / len(examples),
+        examples=len(examples),
+        predictions=predictions,
+        loglikelihoods=tuple(tuple(row) for row in sums),
+        margin=sum(margins) / len(margins),
+    )
 
 
 def multiple_choice_accuracy(
@@ -382,36 +466,18 @@ def multiple_choice_accuracy(
     matched to lm-eval).
 
     Every prompt + choice is one row; rows are sorted by length and run `batch_size` at a time, right-padded.
-    `progress(done, total)` is called after each batch.
+    `progress(done, total)` is called after each batch, in rows.
     """
     import torch
 
-    if not examples:
-        raise CompactLMError("no examples to score")
     if normalize not in NORMALIZATIONS:
         raise CompactLMError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
-    limit = min(max_tokens, getattr(model.config, "max_position_embeddings", None) or max_tokens)
-    rows = _encode(tokenizer, examples, limit)
-    rows.sort(key=lambda row: -len(row[2]))  # similar lengths share a batch: little padding
-    scores = torch.full((len(examples), max(len(x.choices) for x in examples)), -torch.inf, dtype=torch.float64)
-    sums = [[0.0] * len(x.choices) for x in examples]
-    pad_id = tokenizer.eos_token_id or 0  # padded positions are masked and never scored
+    batches = choice_batches(model, tokenizer, examples, batch_size, max_tokens)
+    total_rows, done, results = sum(len(b.keys) for b in batches), 0, []
     with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            total, counts = _logprob_sums(model, batch, pad_id)
-            for (e, c, _, _), ll, n in zip(batch, total.tolist(), counts.tolist(), strict=True):
-                sums[e][c] = ll
-                length = {"chars": len(examples[e].choices[c]), "tokens": n, "none": 1}[normalize]
-                scores[e, c] = ll / length if n and length else -torch.inf  # an empty choice never wins
+        for batch in batches:
+            results.append(logprob_sums(model, batch))
+            done += len(batch.keys)
             if progress is not None:
-                progress(min(start + batch_size, len(rows)), len(rows))
-    predictions = tuple(int(i) for i in scores.argmax(dim=1))  # the first maximum on a tie
-    hits = sum(p in x.correct for p, x in zip(predictions, examples, strict=True))
-    return ChoiceAccuracy(
-        accuracy=hits / len(examples),
-        chance=sum(x.chance for x in examples) / len(examples),
-        examples=len(examples),
-        predictions=predictions,
-        loglikelihoods=tuple(tuple(row) for row in sums),
-    )
+                progress(done, total_rows)
+    return grade(examples, batches, results, normalize)

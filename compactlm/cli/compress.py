@@ -13,6 +13,13 @@ from compactlm.cli.options import BatchOpt, DataOpt, ModelArg, OverwriteOpt, Sam
 from compactlm.core.console import console
 from compactlm.core.errors import CompactLMError
 
+TaskSamplesOpt = Annotated[
+    int,
+    typer.Option(
+        help="Examples of a depth task (its last, in a fixed order; evaluation takes its first): task:NAME only."
+    ),
+]
+
 app = typer.Typer(help="Compression: importance estimation, pruning, evaluation.", no_args_is_help=True)
 
 
@@ -41,6 +48,14 @@ def importance_cmd(
     removal_loss: Annotated[
         bool, typer.Option(help="Compute layer-removal LM losses (one forward per candidate block).")
     ] = True,
+    depth_task: Annotated[
+        str | None,
+        typer.Option(
+            help="Also score each candidate block by the accuracy on these bundled multiple-choice tasks without it "
+            "(comma-separated, e.g. winowhy): what `prune --depth-metric task:NAME` chooses by."
+        ),
+    ] = None,
+    task_samples: TaskSamplesOpt = 128,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Score MLP neurons, attention heads, embedding channels and layers with forward passes only."""
@@ -58,6 +73,8 @@ def importance_cmd(
         depth_samples=depth_samples,
         block_sizes=_parse_sizes(block_sizes),
         removal_loss=removal_loss,
+        depth_tasks=tuple(t.strip() for t in (depth_task or "").split(",") if t.strip()),
+        task_samples=task_samples,
     )
     check_output(out, overwrite)
     checkpoint = inspect_checkpoint(model)
@@ -81,7 +98,11 @@ def prune_cmd(
     num_layers: Annotated[int | None, typer.Option(help="Keep this many layers.")] = None,
     drop_layers: Annotated[str | None, typer.Option(help="Drop these layers, e.g. 16-29 or 3,5,10-12.")] = None,
     depth_metric: Annotated[
-        str, typer.Option(help="How --num-layers picks layers: block-loss, layer-loss or block-influence.")
+        str,
+        typer.Option(
+            help="How --num-layers picks layers: block-loss, layer-loss, block-influence, or task:NAME (the block "
+            "whose removal keeps the accuracy on bundled task NAME highest, e.g. task:winowhy)."
+        ),
     ] = "block-loss",
     scores: Annotated[
         Path | None, typer.Option(help="Importance scores from `compress importance` (else computed now).")
@@ -94,6 +115,7 @@ def prune_cmd(
     samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    task_samples: TaskSamplesOpt = 128,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Prune a model uniformly across layers to the given sizes; write a standard HF checkpoint."""
@@ -135,7 +157,7 @@ def prune_cmd(
         data=data,
         samples=samples,
         seq_len=seq_len,
-        importance=ImportanceConfig(batch_size=batch_size),
+        importance=ImportanceConfig(batch_size=batch_size, task_samples=task_samples),
         overwrite=overwrite,
     )
     record = result["record"]

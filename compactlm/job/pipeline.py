@@ -63,6 +63,8 @@ def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
     if r.correction.enabled:
         plan["correct-teacher"] = 5e-3 * r.correction.planned_tokens() + 20
     plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
+    task_metrics = {t.depth_metric for t in r.students.values() if t.num_layers and t.depth_metric.startswith("task:")}
+    plan["importance"] += 0.6 * r.importance.task_samples * len(task_metrics)  # 12 blocks of SmolLM2: 150 s / 256
     for name in r.students:
         plan[f"prune/{name}"] = 10.0
     cached = r.distill.teacher_cache
@@ -224,12 +226,15 @@ def _is_dir(outputs: dict) -> bool:
 
 def _importance(job: Run, recipe: JobRecipe, paths: Paths, source: Path) -> None:
     from compactlm.compress.checkpoint import inspect_checkpoint, load_model
+    from compactlm.compress.depth import depth_task
     from compactlm.compress.importance import ImportanceConfig
     from compactlm.compress.operations import run_importance
 
     layers = inspect_checkpoint(source).config.num_hidden_layers
     # removal losses only for the block sizes the depth students drop (each candidate block costs a forward)
     drops = sorted({layers - t.num_layers for t in recipe.students.values() if t.num_layers})
+    tasks = sorted({depth_task(t.depth_metric) for t in recipe.students.values() if t.num_layers} - {None})
+    _warn_overlap(recipe, tasks)
 
     def run(resume: bool) -> dict:
         scores = run_importance(
@@ -237,14 +242,39 @@ def _importance(job: Run, recipe: JobRecipe, paths: Paths, source: Path) -> None
             recipe.data,
             recipe.importance.samples,
             recipe.importance.seq_len,
-            ImportanceConfig(block_sizes=tuple(drops or (1,)), removal_loss=bool(drops)),
+            ImportanceConfig(
+                block_sizes=tuple(drops or (1,)),
+                removal_loss=bool(drops),
+                depth_tasks=tuple(tasks),
+                task_samples=recipe.importance.task_samples,
+            ),
         )
         scores.save(paths.scores)  # atomically
         return {"path": str(paths.scores)}
 
     config = {**dataclasses.asdict(recipe.importance), "data": recipe.data, "block_sizes": drops}
+    if tasks:  # (absent otherwise: runs made before task accuracy existed keep their importance stage)
+        config["depth_tasks"] = tasks
+    else:
+        config.pop("task_samples")
     deps = ["correct-teacher" if recipe.correction.enabled else "pull"]
-    job.stage("importance", config, deps, run, lambda o: Path(o["path"]).is_file(), "forward passes only")
+    how = "forward passes only" + (f"; blocks also by {', '.join(tasks)} accuracy" if tasks else "")
+    job.stage("importance", config, deps, run, lambda o: Path(o["path"]).is_file(), how)
+
+
+def _warn_overlap(recipe: JobRecipe, tasks: list[str]) -> None:
+    """Layers chosen by a task the job also evaluates: say so where the two example sets share examples."""
+    from compactlm.compress.tasks import task_size
+
+    for task in set(tasks) & set(recipe.evaluate.tasks):
+        size = task_size(task)
+        shared = min(recipe.evaluate.task_limit or size, size) + min(recipe.importance.task_samples, size) - size
+        if shared > 0:
+            console.print(
+                f"[yellow]warning[/]: {task} chooses the depth students' layers on its last "
+                f"{recipe.importance.task_samples} examples and is evaluated on its first "
+                f"{recipe.evaluate.task_limit or size}: {shared} of its {size} examples are in both"
+            )
 
 
 def _prune(job: Run, recipe: JobRecipe, paths: Paths, source: Path, name: str, target) -> None:

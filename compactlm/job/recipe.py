@@ -52,9 +52,11 @@ class Importance:
 
     samples: int = 64
     seq_len: int = 256
+    task_samples: int = 128
+    """Examples of the task a `depth_metric: task:NAME` student is chosen by (the task's last, see load_task)."""
 
     def __post_init__(self):
-        _positive(self, "samples", "seq_len")
+        _positive(self, "samples", "seq_len", "task_samples")
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Run, shapes: pd.DataFram
     blocks.append(("code", command_line(recipe, None if out == recipe.default_out() else out)))
     blocks.append(("p", _summary(recipe, job)))
     blocks += [("h2", "Accuracy beside throughput"), ("table", headline)]
+    blocks += _front_blocks(recipe, headline, order, report / "figures" / "front.png")
     blocks.append(
         (
             "p",
@@ -190,6 +191,40 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Run, shapes: pd.DataFram
     md, index = write_documents(blocks, report, markdown="report.md", page="index.html")
     console.print(f"report: {index} and {md}")
     return index
+
+
+def _front_blocks(recipe: JobRecipe, headline: pd.DataFrame, order: list[str], path: Path) -> list[tuple[str, object]]:
+    """The headline figure: quality against throughput, one point per model x precision, from the headline table."""
+    from compactlm.bench.front import front_points, plot_front
+
+    points = front_points(headline[headline["model"] != "(chance)"], list(recipe.engines.precisions))
+    if points.empty:
+        return []
+    shipped = headline[headline["model"] == "teacher"]
+    references = {}
+    if len(shipped) and order and order[0] != "teacher":  # the teacher as shipped has no engine: a line
+        references["perplexity"] = {"teacher as shipped": float(shipped["perplexity"].iloc[0])}
+        tasks = [c for c in headline.columns if c.startswith("acc_")]
+        if tasks:
+            mean = float(shipped[tasks].astype(float).mean(axis=1).iloc[0])
+            references["mean accuracy"] = {"teacher as shipped": mean}
+    isl, osl, batch = recipe.headline
+    label = f"requests/s (ISL/OSL {isl}/{osl}, {batch} concurrent, {recipe.engines.backend} engine)"
+    figure = plot_front(points, path, teacher=order[0] if order else None, references=references, x_label=label)
+    if figure is None:
+        return []
+    marks = {c: points[c].map({True: "yes", False: ""}) for c in points.columns if c.startswith("front")}
+    shown = points.assign(**marks)
+    return [
+        ("img", figure),
+        (
+            "p",
+            "The front: held-out perplexity and mean task accuracy against request throughput, one point per model "
+            "and precision (the teacher starred); the gray step line joins the points no other point beats on both "
+            "axes. Its points, as drawn, are in figures/front.csv.",
+        ),
+        ("table", shown),
+    ]
 
 
 def _summary(recipe: JobRecipe, job: Run) -> str:

@@ -415,7 +415,8 @@ def test_plan_takes_query_heads_along_with_dropped_groups():
         (dict(hidden_size=32.0), "--hidden-size must be a positive integer"),
         (
             dict(depth_metric="random"),
-            "--depth-metric must be one of block-loss, layer-loss, block-influence",
+            "--depth-metric: unknown depth metric 'random'; choose one of block-loss, layer-loss, block-influence "
+            "or task:NAME",
         ),
     ],
 )

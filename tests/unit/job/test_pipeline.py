@@ -60,6 +60,7 @@ def test_the_job_runs_end_to_end_and_a_rerun_does_no_work(recipe_file, tmp_path,
     assert "| width |" in headline and "| depth |" in headline and "x teacher fp32" in headline
     assert "![training]" in markdown and "![throughput]" in markdown
     assert (out / "report" / "figures" / "training.png").is_file()
+    _check_front(out, headline)
     first = stage_records(out)
     assert len(first) == 24  # pull, correct, importance, 2 prunes, cache, 2 distills, 4 evals, 6 engines, 6 sweeps
     # the students were distilled from the cached logits of the corrected teacher, with the recipe's budget
@@ -77,6 +78,30 @@ def test_the_job_runs_end_to_end_and_a_rerun_does_no_work(recipe_file, tmp_path,
     monkeypatch.setattr("compactlm.bench.runner.run_benchmark", refuse)
     run_job(load_job_recipe(recipe_file), out)
     assert stage_records(out) == first
+
+
+def _markdown_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in `text`."""
+    lines = text.strip().split("\n\n", 1)[0].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+
+
+def _check_front(out: Path, headline: str) -> None:
+    """The front figure exists and the points it draws are the headline table's (one per model x precision)."""
+    assert (out / "report" / "figures" / "front.png").is_file() and "![front]" in headline
+    drawn = pd.read_csv(out / "report" / "figures" / "front.csv")
+    drawn = drawn[drawn["panel"] == "perplexity"]  # the tiny recipe scores no task: one panel
+    want = {}
+    for row in _markdown_rows(headline):
+        for precision in ("fp32", "bf16"):
+            if row.get(f"req/s {precision}"):
+                want[(row["model"], precision)] = (float(row[f"req/s {precision}"]), float(row["perplexity"]))
+    assert set(want) == {(m, p) for m in ("teacher-corrected", "width", "depth") for p in ("fp32", "bf16")}
+    got = {(r.model, r.precision): (r.x, r.y) for r in drawn.itertuples()}
+    assert got.keys() == want.keys()
+    for key, (x, y) in want.items():  # the table shows 3 significant digits
+        assert got[key][0] == pytest.approx(x, rel=5e-3) and got[key][1] == pytest.approx(y, rel=5e-3), key
 
 
 def test_a_killed_job_resumes_and_a_changed_value_reruns_only_what_depends_on_it(recipe_file, tmp_path, monkeypatch):
@@ -158,3 +183,32 @@ def test_the_dry_run_checks_what_the_job_would_check_first(recipe_file, tmp_path
     result = cli("run", recipe_file, "--dry-run", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_depth_student_chosen_by_task_accuracy(recipe_file, tmp_path, capsys):
+    from compactlm.compress.depth import choose_layers_to_drop
+    from compactlm.compress.importance import ImportanceScores
+    from tests.unit.compress.test_depth_task import _cache_task
+
+    _cache_task("winowhy", 40)
+    overrides = [
+        "students.depth.depth_metric=task:winowhy",
+        "importance.task_samples=20",
+        "evaluate.tasks=[winowhy]",
+        "evaluate.task_limit=30",
+    ]
+    out = tmp_path / "run"
+    run_job(load_job_recipe(recipe_file, overrides=overrides), out)
+    printed = " ".join(capsys.readouterr().err.split())  # the console writes to stderr
+    assert "winowhy chooses the depth students' layers on its last 20 examples" in printed
+    assert "10 of its 40 examples are in both" in printed  # 30 graded + 20 choosing > 40
+    importance = stage_records(out)["importance"]
+    assert importance["config"]["depth_tasks"] == ["winowhy"] and importance["config"]["task_samples"] == 20
+    scores = ImportanceScores.load(out / "importance" / "scores.safetensors")
+    assert scores.meta["task_base"]["winowhy"]["examples"] == 20
+    step = json.loads((out / "models" / "depth-pruned" / "compactlm.json").read_text())["history"][-1]
+    assert step["dropped_layers"] == choose_layers_to_drop(scores, 2, "task:winowhy")
+    row = json.loads((out / "eval" / "depth.json").read_text())
+    assert row["n_winowhy"] == 30 and 0 <= row["acc_winowhy"] <= 1
+    drawn = pd.read_csv(out / "report" / "figures" / "front.csv")
+    assert set(drawn["panel"]) == {"perplexity", "mean accuracy"}  # a task was scored: both panels
