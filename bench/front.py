@@ -85,7 +85,7 @@ def plot_front(
     panels = [q for q in QUALITY if q in points and points[q].notna().any()]
     if points.empty or not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
     markers = dict(zip(points["precision"].unique(), "osD^v<>", strict=False))
     colors = {m: f"C{i}" for i, m in enumerate(points["model"].unique())}
     drawn = []
@@ -115,8 +115,10 @@ def plot_front(
         ax.set(xlabel=x_label or "requests/s", ylabel=f"{quality} ({better} is better)")
         ax.set_title(f"{quality} against throughput: the front in gray", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    rows = math.ceil(len(labels) / min(4, len(labels)))
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))  # room below the axes for the legend
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

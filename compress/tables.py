@@ -11,13 +11,13 @@ if TYPE_CHECKING:
     from compactlm.compress.importance import ImportanceScores
 
 
-def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
-    """Layers ranked from least to most important (by removal loss when measured, else Block Influence)."""
-    from compactlm.compress.depth import choose_layers_to_drop
-
+def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table | None:
+    """Layers ranked from least to most important (by removal loss when measured, else Block Influence); None
+    where single layers were not scored (`--block-sizes` without 1)."""
     losses = scores.removal_loss.get(1)
     influence = scores.block_influence.get(1)
-    num_layers = scores.mlp.shape[0] if influence is not None else 0  # single layers unscored: block captions only
+    if influence is None:
+        return None
     title = "depth importance: layers by LM-loss increase when removed (least important first)"
     if losses is None:
         title = "depth importance: layers by Block Influence (least important first)"
@@ -31,7 +31,7 @@ def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
     per_layer_tasks = {t: v[1] for t, v in scores.task_removal.items() if 1 in v}
     for task in per_layer_tasks:
         table.add_column(f"{task} acc without it", justify="right")
-    order = sorted(range(num_layers), key=lambda i: float(losses[i] if losses is not None else influence[i]))
+    order = sorted(range(len(influence)), key=lambda i: float(losses[i] if losses is not None else influence[i]))
     for rank, layer in enumerate(order[:rows] if rows else order, start=1):
         cells = [str(rank), str(layer)]
         if losses is not None:
@@ -39,23 +39,45 @@ def depth_table(scores: ImportanceScores, rows: int | None = None) -> Table:
         cells.append(f"{float(influence[layer]):.4f}")
         cells += [f"{float(v[layer, 0]):.3f}" for v in per_layer_tasks.values()]
         table.add_row(*cells)
-    for k, block_losses in sorted(scores.removal_loss.items()):
-        if k > 1:
-            start = int(block_losses.argmin())
-            table.caption = (table.caption or "") + (
-                f"best block of {k}: layers {start}-{start + k - 1} "
-                f"(loss {float(block_losses[start]):.4f}, base {scores.base_loss:.4f})  "
-            )
-    for task, blocks in sorted(scores.task_removal.items()):
-        base = scores.meta.get("task_base", {}).get(task, {})
-        for k in sorted(blocks):
-            if k > 1:
-                (start, *_) = choose_layers_to_drop(scores, k, f"task:{task}")
-                table.caption = (table.caption or "") + (
-                    f"best block of {k} by {task}: layers {start}-{start + k - 1} (accuracy "
-                    f"{float(blocks[k][start, 0]):.3f}, base {base.get('accuracy', float('nan')):.3f})  "
-                )
     return table
+
+
+def blocks_table(scores: ImportanceScores) -> Table | None:
+    """The block of each scored size (> 1 layer) that each depth metric would drop; None where none was scored."""
+    from compactlm.compress.depth import choose_layers_to_drop
+
+    table = Table(title="depth importance: the block each metric would drop")
+    for column in ("layers dropped", "chosen by", "block", "without it", "base"):
+        table.add_column(column, justify="left" if column == "chosen by" else "right")
+    base_tasks = scores.meta.get("task_base", {})
+    for k in sorted(
+        set(scores.removal_loss) | set(scores.block_influence) | {k for t in scores.task_removal.values() for k in t}
+    ):
+        if k < 2:
+            continue
+        candidates = [("block-loss", scores.removal_loss, "loss", scores.base_loss)]
+        candidates.append(("block-influence", scores.block_influence, "influence", None))
+        candidates += [
+            (
+                f"task:{task}",
+                {k: v[:, 0] for k, v in blocks.items()},
+                "accuracy",
+                base_tasks.get(task, {}).get("accuracy"),
+            )
+            for task, blocks in sorted(scores.task_removal.items())
+        ]
+        for metric, values, what, base in candidates:
+            if k not in values:
+                continue
+            start = choose_layers_to_drop(scores, k, metric)[0]
+            table.add_row(
+                str(k),
+                metric,
+                f"{start}-{start + k - 1}",
+                f"{what} {float(values[k][start]):.4f}",
+                "" if base is None else f"{base:.4f}",
+            )
+    return table if table.row_count else None
 
 
 def results_table(frame: pd.DataFrame, title: str) -> Table:

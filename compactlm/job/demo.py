@@ -18,7 +18,7 @@ from compactlm.compress.importance import ImportanceConfig, ImportanceScores
 from compactlm.compress.models import pull
 from compactlm.compress.operations import evaluate_models, prune_checkpoint, run_importance
 from compactlm.compress.prune import PruneTarget
-from compactlm.compress.tables import depth_table, results_table
+from compactlm.compress.tables import blocks_table, depth_table, results_table
 from compactlm.core.console import console
 from compactlm.core.io import atomic_file
 from compactlm.core.runs import Run
@@ -82,7 +82,9 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     settings = {"data": cfg.data, "samples": cfg.samples, "seq_len": cfg.seq_len, "block_sizes": block_sizes}
     run.stage("importance", settings, ["pull"], importance, lambda o: Path(o["path"]).is_file(), "forward passes only")
     scores = ImportanceScores.load(scores_file)
-    console.print(depth_table(scores, rows=8))
+    for table in (depth_table(scores, rows=8), blocks_table(scores)):
+        if table is not None:
+            console.print(table)
 
     paths = {"teacher": teacher_path}
     for name, target in cfg.students.items():

@@ -161,7 +161,6 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Run, shapes: pd.DataFram
     blocks.append(("code", command_line(recipe, None if out == recipe.default_out() else out)))
     blocks.append(("p", _summary(recipe, job)))
     blocks += [("h2", "Accuracy beside throughput"), ("table", headline)]
-    blocks += _front_blocks(recipe, headline, order, report / "figures" / "front.png")
     blocks.append(
         (
             "p",
@@ -172,6 +171,7 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Run, shapes: pd.DataFram
             "same precision. 'teacher' is the model as shipped, 'teacher-corrected' the one the students learned from.",
         )
     )
+    blocks += _front_blocks(recipe, headline, order, report / "figures" / "front.png")
     trained = [m for m in order if (out / "models" / m / "compactlm.json").is_file()]
     training = training_table(out, trained)
     if not training.empty:
@@ -219,9 +219,9 @@ def _front_blocks(recipe: JobRecipe, headline: pd.DataFrame, order: list[str], p
         ("img", figure),
         (
             "p",
-            "The front: held-out perplexity and mean task accuracy against request throughput, one point per model "
-            "and precision (the teacher starred); the gray step line joins the points no other point beats on both "
-            "axes. Its points, as drawn, are in figures/front.csv.",
+            "Quality against speed, one point per model and precision (the teacher starred): the gray line is the "
+            "front, through the points no other point beats on both axes (marked below); the points as drawn are in "
+            "figures/front.csv.",
         ),
         ("table", shown),
     ]
