@@ -308,7 +308,8 @@ def estimate_importance(
                 progress(f"depth: {task}", done[0], candidates)
 
         base, task_removal[task] = task_removals(model, examples, batches, config.block_sizes, tick)
-        task_meta[task] = {"accuracy": base[0], "margin": base[1], "examples": len(examples)}
+        chance = sum(x.chance for x in examples) / len(examples)
+        task_meta[task] = {"accuracy": base[0], "margin": base[1], "chance": chance, "examples": len(examples)}
 
     meta = dict(meta or {})
     if task_meta:

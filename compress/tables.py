@@ -50,6 +50,7 @@ def blocks_table(scores: ImportanceScores) -> Table | None:
     for column in ("layers dropped", "chosen by", "block", "without it", "base"):
         table.add_column(column, justify="left" if column == "chosen by" else "right")
     base_tasks = scores.meta.get("task_base", {})
+    chance = {f"task:{t}": f" (chance {v['chance']:.3f})" for t, v in base_tasks.items() if "chance" in v}
     for k in sorted(
         set(scores.removal_loss) | set(scores.block_influence) | {k for t in scores.task_removal.values() for k in t}
     ):
@@ -75,7 +76,7 @@ def blocks_table(scores: ImportanceScores) -> Table | None:
                 metric,
                 f"{start}-{start + k - 1}",
                 f"{what} {float(values[k][start]):.4f}",
-                "" if base is None else f"{base:.4f}",
+                ("" if base is None else f"{base:.4f}") + chance.get(metric, ""),
             )
     return table if table.row_count else None
 

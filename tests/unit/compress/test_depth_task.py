@@ -118,7 +118,7 @@ def test_importance_scores_keep_task_removals_through_a_file(tmp_path):
     scores = estimate_importance(model, random_tokens(4, 16), config, tokenizer=CharTokenizer())
     assert set(scores.task_removal) == {"winowhy"} and set(scores.task_removal["winowhy"]) == {1, 3}
     base = scores.meta["task_base"]["winowhy"]
-    assert base["examples"] == 10 and 0 <= base["accuracy"] <= 1
+    assert base["examples"] == 10 and 0 <= base["accuracy"] <= 1 and base["chance"] == 0.5  # two choices each
     loaded = ImportanceScores.load(scores.save(tmp_path / "scores.safetensors"))
     for k in (1, 3):
         assert torch.equal(loaded.task_removal["winowhy"][k], scores.task_removal["winowhy"][k])
@@ -146,6 +146,7 @@ def test_prune_by_task_drops_the_block_the_importance_file_says(tiny_dir, tmp_pa
     result = cli(*importance, "--depth-task", "winowhy", *data)
     assert result.exit_code == 0, result.output
     assert "task:winowhy" in result.output and "the block each metric would drop" in result.output
+    assert "(chance" in result.output and "0.500)" in result.output  # the table wraps at 80 columns
     assert "winowhy acc" in result.output  # single layers too
     scores = ImportanceScores.load(scores_file)
     want = choose_layers_to_drop(scores, 2, "task:winowhy")
