@@ -148,7 +148,10 @@ def evaluate(model, tokenizer, mapping: dict[str, str], manager, num_fewshot: in
     from lm_eval.models.huggingface import HFLM
 
     with _offline_and_quiet():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        except Exception as exc:  # lm-eval asserts what it needs of the model and tokenizer, often without a message
+            raise CompactLMError(f"lm-eval cannot evaluate {_name(model)}: {_reason(exc)}") from exc
         try:
             results = simple_evaluate(
                 model=lm,
@@ -166,6 +169,8 @@ def evaluate(model, tokenizer, mapping: dict[str, str], manager, num_fewshot: in
                 f"lm-eval could not load the data of {foreign or 'the tasks'}"
                 f" (offline here: set COMPACTLM_LM_EVAL_ONLINE=1 where the Hugging Face hub is reachable): {reason}"
             ) from exc
+        except (ValueError, TypeError, AssertionError, RuntimeError, KeyError, IndexError, AttributeError) as exc:
+            raise CompactLMError(f"lm-eval could not score {_name(model)}: {_reason(exc)}") from exc
     out = {}
     for name, task in mapping.items():
         metrics, samples = results["results"][task], results["samples"][task]
@@ -184,3 +189,12 @@ def evaluate(model, tokenizer, mapping: dict[str, str], manager, num_fewshot: in
             hits_norm=tuple(float(s.get("acc_norm", s.get("acc", 0.0))) for s in samples),
         )
     return out
+
+
+def _name(model) -> str:
+    return str(getattr(model, "compactlm_path", None) or type(model).__name__)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the exception's message (lm-eval's assertions often have none), at most 300 characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300] or 'no message'}"

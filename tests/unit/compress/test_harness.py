@@ -84,3 +84,14 @@ def test_an_lm_eval_task_that_needs_a_download_says_which_offline(scored, tmp_pa
     with pytest.raises(CompactLMError, match="lm-eval could not load the data of arc_easy .offline here") as error:
         harness.evaluate(model, tokenizer, mapping, manager, limit=5)
     assert "\n" not in str(error.value)
+
+
+def test_a_model_lm_eval_cannot_take_is_one_line(scored, tmp_path):
+    from tests.helpers import CharTokenizer
+
+    model, _ = scored
+    mapping = harness.write_tasks(["winowhy"], 5, tmp_path / "tasks")
+    manager = harness.task_manager(tmp_path / "tasks")
+    with pytest.raises(CompactLMError, match="lm-eval cannot evaluate .*tiny: AssertionError") as error:
+        harness.evaluate(model, CharTokenizer(), mapping, manager, limit=5)  # not a Hugging Face tokenizer
+    assert "\n" not in str(error.value)
