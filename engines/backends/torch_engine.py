@@ -175,12 +175,14 @@ class _Streamer:
 class _Done:
     """Stopping criterion: a row is done when its stream is (max_new_tokens reached, or EOS when not ignored)."""
 
-    def __init__(self, streamer: _Streamer):
+    def __init__(self, streamer: _Streamer, engine: TorchEngine):
         self.streamer = streamer
+        self.engine = engine
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
+        self.engine.kv_positions = input_ids.numel()  # the cache holds every row's positions, padding included
         return torch.tensor([not open_ for open_ in self.streamer.open], device=input_ids.device)
 
 
@@ -202,6 +204,15 @@ class TorchEngine(Engine):
         # EOS even when the request ignores EOS.
         self.model.generation_config.eos_token_id = None
         self.pad_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.kv_positions = 0
+        """Positions the running batch's KV cache holds now (rows x current length, left padding included)."""
+
+    def load(self) -> dict:
+        """Requests running and waiting, and KV-cache use: the running batch's cached positions over the most the
+        engine's limits allow (max_batch_size x max_seq_len); transformers' dynamic cache grows with the batch, so
+        this is the share of the cache the limits would reach, not of a preallocated pool."""
+        capacity = self.limits.max_batch_size * self.limits.max_seq_len
+        return {**super().load(), "kv_cache_usage": min(1.0, self.kv_positions / capacity)}
 
     def _serve(self) -> None:
         pending: list[RequestStream] = []
@@ -260,14 +271,17 @@ class TorchEngine(Engine):
         config = GenerationConfig(
             max_new_tokens=max(s.request.max_new_tokens for s in batch), do_sample=False, pad_token_id=self.pad_id
         )
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=config,
-                streamer=streamer,
-                logits_processor=LogitsProcessorList([control] if control.needed else []),
-                stopping_criteria=StoppingCriteriaList([_Done(streamer)]),
-            )
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    streamer=streamer,
+                    logits_processor=LogitsProcessorList([control] if control.needed else []),
+                    stopping_criteria=StoppingCriteriaList([_Done(streamer, self)]),
+                )
+        finally:
+            self.kv_positions = 0  # the batch's cache is freed with it
         for stream in batch:
             stream.finish("length")  # no-op for those that already stopped at EOS

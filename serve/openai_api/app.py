@@ -327,10 +327,16 @@ async def _stream(generation: Generation, meta: Meta, body, service: GenerationS
                     error = next(c.error for c in generation.choices if c.index == delta.index)
                     yield sse(error_body(error or "the engine failed the request", "server_error"))
                     continue
-                if echo and delta.index in first:
-                    prompt = next(c.prompt for c in generation.choices if c.index == delta.index)
-                    delta.text = service.decode(prompt) + delta.text
-                choices.append(delta_chunk_choice(kind, delta, service, wants_logprobs, delta.index in first))
+                echoed = echo and delta.index in first
+                if echoed:
+                    choice = next(c for c in generation.choices if c.index == delta.index)
+                    delta.text = service.decode(choice.prompt) + delta.text
+                body_choice = delta_chunk_choice(kind, delta, service, wants_logprobs, delta.index in first)
+                if echoed and wants_logprobs:  # the first chunk scores the prompt, as the unstreamed response does
+                    body_choice["logprobs"] = _echo_logprobs(
+                        service, choice.prompt, choice.stream, delta, body.logprobs
+                    )
+                choices.append(body_choice)
                 first.discard(delta.index)
             if choices:
                 running = choice_usage(generation.choices, body.n) if continuous else None
@@ -341,6 +347,14 @@ async def _stream(generation: Generation, meta: Meta, body, service: GenerationS
     except asyncio.CancelledError:
         generation.cancel()
         raise
+
+
+def _echo_logprobs(service: GenerationService, prompt, done, delta, top_k: int) -> dict:
+    """The logprobs of an echoed stream's first chunk: the prompt's tokens, then the delta's own."""
+    tokens = list(prompt) + list(delta.tokens)
+    lps = list(done.prompt_logprobs) + list(delta.logprobs or [])
+    top = list(done.prompt_top_logprobs) + list(delta.top_logprobs or []) if top_k else None
+    return completion_logprobs(service, tokens, lps, top)
 
 
 class BodyLimits:

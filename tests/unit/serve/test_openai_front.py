@@ -217,6 +217,29 @@ def test_logprobs_and_echo_scores_are_the_models_log_softmax(client, model, expe
     assert lps[1 : len(prompt)] == pytest.approx(prompt_want, abs=1e-4)
     only = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
     assert len(only.choices[0].logprobs.token_logprobs) == len(prompt) and only.usage.completion_tokens == 0
+    # streamed: the first chunk carries the prompt's scores, then each chunk its tokens', as unstreamed
+    whole = client.completions.create(model="tiny", prompt=[prompt], max_tokens=3, echo=True, logprobs=1, temperature=0)
+    chunks = [
+        c.choices[0]
+        for c in client.completions.create(
+            model="tiny", prompt=[prompt], max_tokens=3, echo=True, logprobs=1, temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    streamed = [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs, abs=1e-6, nan_ok=True)
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == whole.choices[0].logprobs.tokens
+    assert "".join(c.text for c in chunks) == whole.choices[0].text
+    scored_only = [
+        c.choices[0]
+        for c in client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0, stream=True
+        )
+        if c.choices
+    ]
+    assert [lp for c in scored_only if c.logprobs for lp in c.logprobs.token_logprobs][1:] == pytest.approx(
+        only.choices[0].logprobs.token_logprobs[1:], abs=1e-6
+    )
 
     chat = client.chat.completions.create(
         model="tiny",
@@ -230,6 +253,21 @@ def test_logprobs_and_echo_scores_are_the_models_log_softmax(client, model, expe
     assert len(content) == 4 and all(
         len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content
     )
+
+
+def test_the_torch_engine_reports_its_kv_cache_use(engine_dir):
+    with load_engine(engine_dir) as engine:
+        assert engine.load()["kv_cache_usage"] == 0.0
+        capacity = engine.limits.max_batch_size * engine.limits.max_seq_len
+        stream, seen = engine.submit(Request(tuple(PROMPTS[0]), 40, ignore_eos=True)), []
+        while not stream.done:
+            seen.append(engine.load()["kv_cache_usage"] * capacity)
+            time.sleep(0.002)
+        assert len(stream.result().tokens) == 40
+        positions = [round(v) for v in seen if v > 0]
+        assert positions and all(len(PROMPTS[0]) <= v <= len(PROMPTS[0]) + 40 for v in positions)  # one row: its length
+        assert positions == sorted(positions)  # grows a position a step
+        assert engine.load()["kv_cache_usage"] == 0.0  # freed with the batch
 
 
 def test_metrics_count_requests_tokens_and_latencies(served, client):
@@ -262,6 +300,7 @@ def test_metrics_count_requests_tokens_and_latencies(served, client):
     for name in (
         "compactlm:num_requests_running",
         "compactlm:num_requests_waiting",
+        "compactlm:kv_cache_usage_perc",
         "compactlm:e2e_request_latency_seconds_bucket",
     ):
         assert name in after
