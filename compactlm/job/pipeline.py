@@ -64,7 +64,8 @@ def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
         plan["correct-teacher"] = 5e-3 * r.correction.planned_tokens() + 20
     plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
     task_metrics = {t.depth_metric for t in r.students.values() if t.num_layers and t.depth_metric.startswith("task:")}
-    plan["importance"] += 0.6 * r.importance.task_samples * len(task_metrics)  # 12 blocks of SmolLM2: 150 s / 256
+    # SmolLM2, 12 candidate blocks: 88 s for 256 winowhy examples in the job; longer prompts and more blocks cost more
+    plan["importance"] += 0.6 * r.importance.task_samples * len(task_metrics)
     for name in r.students:
         plan[f"prune/{name}"] = 10.0
     cached = r.distill.teacher_cache
