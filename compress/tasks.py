@@ -348,14 +348,6 @@ def _encode(tokenizer, examples: Sequence[ChoiceExample], limit: int) -> list[tu
     return rows
 
 
-def _mean_logprobs(model, rows: Sequence[tuple[int, int, list[int], int]], pad_id: int):
-    """Mean log-probability of each row's choice tokens (-inf for an empty choice), in one right-padded forward."""
-    import torch
-
-    sums, counts = logprob_sums(model, _batch(rows, pad_id))
-    return torch.where(counts > 0, sums / counts.clamp(min=1), -torch.inf)
-
-
 @dataclass(frozen=True)
 class ChoiceBatch:
     """Prompt + choice rows, right-padded into one forward: which positions are scored, and against which tokens."""
@@ -425,8 +417,7 @@ def grade(
     """Accuracy from every batch's `logprob_sums`: each example's prediction is its best-scoring choice."""
     import torch
 
-    if normalize not in NORMALIZATIONS:
-        raise CompactLMError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
+    _check_normalize(normalize)
     scores = torch.full((len(examples), max(len(x.choices) for x in examples)), -torch.inf, dtype=torch.float64)
     sums = [[0.0] * len(x.choices) for x in examples]
     for batch, (total, counts) in zip(batches, results, strict=True):
@@ -451,6 +442,11 @@ def grade(
     )
 
 
+def _check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise CompactLMError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
+
+
 def multiple_choice_accuracy(
     model,
     tokenizer,
@@ -470,8 +466,7 @@ def multiple_choice_accuracy(
     """
     import torch
 
-    if normalize not in NORMALIZATIONS:
-        raise CompactLMError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
+    _check_normalize(normalize)
     batches = choice_batches(model, tokenizer, examples, batch_size, max_tokens)
     total_rows, done, results = sum(len(b.keys) for b in batches), 0, []
     with torch.inference_mode():

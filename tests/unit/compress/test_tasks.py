@@ -220,7 +220,7 @@ def test_length_normalisation_picks_the_better_per_token_choice():
     tokenizer = ScriptedTokenizer({"Q": [1], " A": [2], " B C": [3, 4]})
     rows = tasks._encode(tokenizer, [ChoiceExample("Q", (" A", " B C"), frozenset({1}))], limit=64)
     assert [r[2] for r in rows] == [[1, 2], [1, 3, 4]]
-    scores = tasks._mean_logprobs(model, rows, pad_id=0)
+    scores = _mean_logprobs(model, rows)
     assert torch.allclose(scores, torch.tensor([-1.0, -0.6], dtype=torch.float64), atol=1e-5)
     example = [ChoiceExample("Q", (" A", " B C"), frozenset({1}))]
     by_tokens = multiple_choice_accuracy(model, tokenizer, example, normalize="tokens")
@@ -278,7 +278,7 @@ def test_batched_padded_scores_equal_one_row_full_logits():
         ChoiceExample("which word comes", (" next", " first in line"), frozenset({0})),
     ]
     rows = tasks._encode(tokenizer, examples, limit=64)
-    batched = tasks._mean_logprobs(model, rows, pad_id=0)
+    batched = _mean_logprobs(model, rows)
     for r, (_, _, ids, n_prompt) in enumerate(rows):
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([ids])).logits[0].double()
@@ -312,3 +312,9 @@ def test_eval_command_adds_task_accuracy_and_a_chance_row(tiny_dir, tmp_path, no
     result = CliRunner().invoke(app, ["compress", "eval", str(tiny_dir), "--tasks", "winowhy,nope"])
     assert isinstance(result.exception, CompactLMError)
     assert "unknown task 'nope'" in str(result.exception)
+
+
+def _mean_logprobs(model, rows) -> torch.Tensor:
+    """Mean log-probability of each row's choice tokens, all rows in one right-padded batch."""
+    sums, counts = tasks.logprob_sums(model, tasks._batch(rows, pad_id=0))
+    return sums / counts
