@@ -15,7 +15,7 @@ from compactlm.compress.evaluate import count_model_params, perplexity
 from compactlm.compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
 from compactlm.compress.prune import PruneTarget, needs_scores, prune
 from compactlm.compress.record import read_record
-from compactlm.compress.tasks import load_task, multiple_choice_accuracy
+from compactlm.compress.tasks import load_task, multiple_choice_accuracy, pull_tasks
 from compactlm.core.console import stage_progress
 from compactlm.core.errors import CompactLMError
 
@@ -28,6 +28,8 @@ def run_importance(
     model_or_path, data, samples: int, seq_len: int, config: ImportanceConfig | None = None
 ) -> ImportanceScores:
     """Load (if needed) the model and its calibration data from the train split, and estimate importance."""
+    if config is not None and config.depth_tasks:
+        pull_tasks(config.depth_tasks)  # a download that fails fails before the model loads and the passes run
     model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
     path = Path(model.compactlm_path)
     sequences = calibration_data(path, data, samples, seq_len)
