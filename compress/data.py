@@ -29,9 +29,22 @@ TEXT_BLOCK_CHARS = 4000
 class Corpus:
     name: str
     root: str
-    debian_package: str
+    """Its folder; relative to $COMPACTLM_HOME for a pulled corpus."""
+    debian_package: str | None
     license: str
     description: str
+    pattern: str = "*.rst.txt"
+    heldout_only: bool = False
+    """Evaluation only: every document is held out, and its train split is refused."""
+    pulled: bool = False
+    """Downloaded on first use (compress/english.py) rather than installed from Debian."""
+
+    def folder(self) -> Path:
+        if not self.pulled:
+            return Path(self.root)
+        from compactlm.compress.english import pull_english
+
+        return pull_english()
 
 
 CORPORA: dict[str, Corpus] = {
@@ -51,8 +64,21 @@ CORPORA: dict[str, Corpus] = {
             "GPL-2.0",
             "Linux 6.1 kernel documentation sources (3,183 .rst.txt files, ~24 MB)",
         ),
+        Corpus(
+            "english",
+            "data/english",
+            None,
+            "public domain (Project Gutenberg texts; via PyPI brotli==1.2.1, MIT)",
+            "General English held out whole: Carroll, Shakespeare, Milton and a 1992 report (the Canterbury "
+            "corpus' four English texts, ~1.2 MB; compress/english.py)",
+            pattern="*.txt",
+            heldout_only=True,
+            pulled=True,
+        ),
     ]
 }
+GENERAL_ENGLISH = "english"
+"""The held-out set every evaluation reports beside the in-domain one."""
 
 
 def is_heldout(doc_id: str) -> bool:
@@ -68,13 +94,15 @@ class Document:
 
 
 def _corpus_documents(corpus: Corpus) -> list[Document]:
-    root = Path(corpus.root)
+    root = corpus.folder()
+    if corpus.pattern == "*.txt":  # plain text files, cut into documents of whole paragraphs
+        return [doc for f in sorted(root.glob(corpus.pattern)) for doc in _text_documents(f, f"{corpus.name}/{f.name}")]
     if not root.is_dir():
         raise CompactLMError(
             f"corpus {corpus.name!r} needs the Debian package {corpus.debian_package}: "
             f"run `apt-get install {corpus.debian_package}` (or `make setup`)"
         )
-    files = sorted(root.rglob("*.rst.txt"))
+    files = sorted(root.rglob(corpus.pattern))
     return [Document(f"{corpus.name}/{f.relative_to(root)}", lambda f=f: f.read_text(errors="replace")) for f in files]
 
 
@@ -151,7 +179,11 @@ def split_documents(source: str | os.PathLike, split: str, seed: int = 0) -> lis
     """The documents of one split, shuffled with `seed` (the split itself never depends on the seed)."""
     if split not in SPLITS:
         raise CompactLMError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
-    docs = [d for d in documents(source) if is_heldout(d.doc_id) == (split == "heldout")]
+    _check_trainable(source, split)
+    if str(source) in CORPORA and CORPORA[str(source)].heldout_only:
+        docs = documents(source)
+    else:
+        docs = [d for d in documents(source) if is_heldout(d.doc_id) == (split == "heldout")]
     random.Random(seed).shuffle(docs)
     return docs
 
@@ -206,9 +238,21 @@ def load_sequences(
     return torch.tensor(buffer[:need], dtype=torch.long).view(num_sequences, seq_len)
 
 
+def _check_trainable(source, split: str) -> None:
+    corpus = CORPORA.get(str(source))
+    if corpus is not None and corpus.heldout_only and split == "train":
+        raise CompactLMError(
+            f"{corpus.name} is held out for evaluation only: no training, calibration or importance pass reads it "
+            f"(train on {', '.join(c.name for c in CORPORA.values() if not c.heldout_only)} or your own text)"
+        )
+
+
 def check_data(source: str | os.PathLike, split: str = "train") -> None:
     """Cheap early check (no tokenization): the data exists and the split has documents with text."""
+    _check_trainable(source, split)
     docs = documents(source)
+    if str(source) in CORPORA and CORPORA[str(source)].heldout_only:
+        return
     if not any(doc.load().strip() for doc in docs[:1000]):
         raise CompactLMError(f"data {source!s} is empty: no document has any text")
     if not any(is_heldout(d.doc_id) == (split == "heldout") for d in docs):
@@ -223,5 +267,9 @@ def describe(source: str | os.PathLike) -> dict:
     info = {"source": str(source), "heldout_rule": f"sha256(doc_id)[:8] % 100 < {HELDOUT_PERCENT}"}
     if str(source) in CORPORA:
         corpus = CORPORA[str(source)]
-        info.update(debian_package=corpus.debian_package, license=corpus.license)
+        info.update(license=corpus.license)
+        if corpus.debian_package:
+            info.update(debian_package=corpus.debian_package)
+        if corpus.heldout_only:
+            info.update(heldout_rule="held out whole (evaluation only)")
     return info

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from compactlm.compress.checkpoint import load_model, load_tokenizer, save_checkpoint
-from compactlm.compress.data import describe, load_sequences
+from compactlm.compress.data import check_data, describe, load_sequences
 from compactlm.compress.depth import depth_task
 from compactlm.compress.evaluate import count_model_params, perplexity
 from compactlm.compress.importance import ImportanceConfig, ImportanceScores, estimate_importance, random_scores
@@ -122,12 +122,15 @@ def evaluate_models(
     task_batch_size: int = 16,
     harness: str = "compactlm",
     num_fewshot: int | None = None,
+    general: str | None = None,
 ) -> pd.DataFrame:
     """Held-out loss/perplexity of several checkpoints on the same held-out sequences (one row each).
 
     With `tasks` (see compactlm.compress.tasks), each row also gets `acc_<task>`: multiple-choice accuracy on the same
     `task_limit` examples of each task for every model, with `chance_<task>`, `n_<task>` (examples) and
-    `seconds_tasks` (the scoring's wall time). `harness="lm-eval"` scores them with lm-evaluation-harness instead
+    `seconds_tasks` (the scoring's wall time). With `general` (a held-out corpus, e.g. "english": see
+    compactlm.compress.english), each row also gets `general_loss` and `general_perplexity` on as many sequences of
+    that text, and `general_data`. `harness="lm-eval"` scores them with lm-evaluation-harness instead
     (compactlm.compress.harness: the bundled tasks offline, any lm-eval task name where its data can be fetched).
     """
     import tempfile
@@ -148,14 +151,18 @@ def evaluate_models(
         lm_eval = (lm_harness, mapping, manager)
     else:
         examples = {task: load_task(task, task_limit) for task in tasks or []}  # pulls the tasks before any model
+    if general is not None:
+        check_data(general, split="heldout")  # pulls it before any model
     rows = []
-    sequences, vocab = None, None
+    sequences, vocab, general_sequences = None, None, None
     try:
         with stage_progress() as update:
             for i, path in enumerate(paths):
                 model = load_model(path)
                 if sequences is None:
                     sequences = calibration_data(path, data, samples, seq_len, split="heldout")
+                    if general is not None:
+                        general_sequences = calibration_data(path, general, samples, seq_len, split="heldout")
                     vocab = model.config.vocab_size
                 elif model.config.vocab_size != vocab:
                     raise CompactLMError(
@@ -173,6 +180,11 @@ def evaluate_models(
                         "data": str(data),
                     }
                 )
+                if general_sequences is not None:
+                    other = perplexity(model, general_sequences, batch_size)
+                    rows[-1].update(
+                        general_loss=other.loss, general_perplexity=other.perplexity, general_data=str(general)
+                    )
                 tokenizer = load_tokenizer(path) if examples or lm_eval else None
                 started = time.perf_counter()
                 if lm_eval is not None:

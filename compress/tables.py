@@ -84,7 +84,7 @@ def blocks_table(scores: ImportanceScores) -> Table | None:
 def results_table(frame: pd.DataFrame, title: str) -> Table:
     table = Table(title=title)
     for column in frame.columns:
-        if column in ("path", "data", "tokens"):
+        if column in ("path", "data", "tokens", "general_data"):
             continue
         text = frame[column].dtype == object
         table.add_column(column, justify="left" if text else "right", no_wrap=text)

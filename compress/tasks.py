@@ -35,29 +35,21 @@ Subset: `load_task(name, limit, seed)` takes the first `limit` examples of the t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import sys
-import tarfile
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compactlm.compress.models import compactlm_home
-from compactlm.core import procs
+from compactlm.core import sdist
 from compactlm.core.errors import CompactLMError
 
-BIGBENCH_SPEC = "bigbench==1.0.0"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-SDIST_ENV = "COMPACTLM_BIGBENCH_SDIST"
 NORMALIZATIONS = ("chars", "none", "tokens")
 MAX_TOKENS = 1024
 """Longest prompt + choice scored, in tokens (prompts are cut from the left beyond it)."""
@@ -133,121 +125,38 @@ def task_file(name: str) -> Path:
     return tasks_dir() / f"{name}.json"
 
 
-def pull_tasks(names: Iterable[str] | None = None, sdist: str | os.PathLike | None = None) -> Path:
+BIGBENCH = sdist.Sdist(
+    spec="bigbench==1.0.0",
+    filename="bigbench-1.0.0.tar.gz",
+    sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    size="358 MB",
+    env="COMPACTLM_BIGBENCH_SDIST",
+)
+
+
+def pull_tasks(names: Iterable[str] | None = None, sdist_path: str | os.PathLike | None = None) -> Path:
     """Cache the task files once: every registered task is extracted from one download; returns the cache folder.
 
-    `names` (default: all) only decides whether anything is missing. `sdist` (or `$COMPACTLM_BIGBENCH_SDIST`)
+    `names` (default: all) only decides whether anything is missing. `sdist_path` (or `$COMPACTLM_BIGBENCH_SDIST`)
     is a local `bigbench-1.0.0.tar.gz` to read instead of downloading.
     """
     names = resolve_task_names(list(names) if names is not None else ["all"])
     if all(task_file(n).is_file() for n in names):
         return tasks_dir()
-    sdist = sdist or os.environ.get(SDIST_ENV)
-    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from compactlm.core.console import download_progress
 
-    from compactlm.core.console import console
-
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        if sdist is not None:
-            if not Path(sdist).is_file():
-                raise CompactLMError(f"{SDIST_ENV}={sdist} is not a file: point it at {BIGBENCH_SDIST}")
-            _extract(Path(sdist), tasks_dir(), progress)
-        else:
-            with tempfile.TemporaryDirectory(prefix="compactlm-bigbench-") as tmp:
-                _extract(_download(Path(tmp), progress), tasks_dir(), progress)
+    with download_progress() as progress, tempfile.TemporaryDirectory(prefix="compactlm-bigbench-") as tmp:
+        path = sdist.fetch(BIGBENCH, Path(tmp), progress, local=sdist_path)
+        wanted = {path_in_sdist: name for name, path_in_sdist in TASKS.items()}
+        found = sdist.members(path, wanted, progress, f"extracting {len(wanted)} task files")
+        missing = sorted(set(TASKS) - {wanted[inner] for inner in found})
+        if missing:
+            raise CompactLMError(f"{path} lacks the task files of {', '.join(missing)}: is it {BIGBENCH.filename}?")
+        sdist.write_atomically(tasks_dir(), {f"{wanted[inner]}.json": data for inner, data in found.items()})
+    (tasks_dir() / ".compactlm-pulled").write_text(
+        f"{BIGBENCH.spec} ({BIGBENCH.filename})\nlicense: Apache-2.0\npulled: {time.strftime('%Y-%m-%d')}\n"
+    )
     return tasks_dir()
-
-
-def _download(folder: Path, progress) -> Path:
-    """`pip download` the sdist into `folder` and check its SHA-256.
-
-    pip >= 26 builds the sdist's metadata, sees its `bleurt @ file://...` requirement and refuses to save the
-    file; the pip that this Python bundles (ensurepip, older) does not. So when this environment's pip refuses,
-    the download is repeated with the bundled pip of a throwaway virtual environment.
-    """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_SPEC]
-    output = _pip_download(sys.executable, folder, progress, "with pip")
-    if output is not None and "cannot declare direct URL dependencies" in output:
-        venv = folder / "venv"
-        made = procs.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
-        if made.returncode == 0:
-            output = _pip_download(str(venv / "bin" / "python"), folder, progress, "with the bundled pip")
-    sdist = folder / BIGBENCH_SDIST
-    if output is None:
-        digest = hashlib.sha256()
-        with open(sdist, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != BIGBENCH_SHA256:
-            raise CompactLMError(
-                f"the downloaded {BIGBENCH_SDIST} does not have the expected SHA-256 {BIGBENCH_SHA256}"
-            )
-        return sdist
-    reason = output.splitlines()[-1] if output else "no output"
-    raise CompactLMError(
-        f"pip could not download {BIGBENCH_SPEC} ({reason}). Download it by hand with "
-        f"`{' '.join(cmd[1:])} -d DIR` (pip < 26, or Debian's python3-pip), "
-        f"then set {SDIST_ENV}=DIR/{BIGBENCH_SDIST}"
-    )
-
-
-def _pip_download(python: str, folder: Path, progress, how: str) -> str | None:
-    """None on success, else pip's output."""
-    task = progress.add_task(f"downloading {BIGBENCH_SPEC} (358 MB) {how}", total=None)
-    proc = procs.run(
-        [
-            python,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            BIGBENCH_SPEC,
-            "-d",
-            str(folder),
-            "--disable-pip-version-check",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    progress.remove_task(task)
-    if proc.returncode == 0 and (folder / BIGBENCH_SDIST).is_file():
-        return None
-    # pip's progress goes to stdout and its error to stderr: stderr last, so the reason quoted is the error
-    return "\n".join(part.strip() for part in (proc.stdout, proc.stderr) if part.strip()) or f"exit {proc.returncode}"
-
-
-def _extract(sdist: Path, dest: Path, progress) -> None:
-    """Stream the (gzipped) tar once and write every registered task file into `dest`, each atomically."""
-    wanted = {path: name for name, path in TASKS.items()}
-    found: dict[str, bytes] = {}
-    task = progress.add_task(f"extracting {len(wanted)} task files", total=sdist.stat().st_size)
-    with open(sdist, "rb") as raw:
-        try:
-            with tarfile.open(fileobj=raw, mode="r|gz") as tar:
-                for member in tar:
-                    progress.update(task, completed=raw.tell())
-                    inner = member.name.split("/", 1)[-1]  # drop the top folder, bigbench-1.0.0/
-                    if member.isfile() and inner in wanted:
-                        found[wanted[inner]] = tar.extractfile(member).read()
-                        if len(found) == len(wanted):
-                            break
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise CompactLMError(f"{sdist} is not a readable {BIGBENCH_SDIST} ({exc})") from exc
-    missing = sorted(set(TASKS) - set(found))
-    if missing:
-        raise CompactLMError(f"{sdist} lacks the task files of {', '.join(missing)}: is it {BIGBENCH_SDIST}?")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, data in found.items():
-        tmp = dest / f".{name}.json.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_bytes(data)
-        os.replace(tmp, dest / f"{name}.json")
-    (dest / ".compactlm-pulled").write_text(
-        f"{BIGBENCH_SPEC} ({sdist.name})\nlicense: Apache-2.0\npulled: {time.strftime('%Y-%m-%d')}\n"
-    )
-    progress.update(task, completed=sdist.stat().st_size)
 
 
 def parse_task(data: dict, list_choices: bool | None = False) -> list[ChoiceExample]:

@@ -348,3 +348,20 @@ def wait_ready(http_port: int, openai_port: int | None, timeout: float = 120, pr
             pass
         time.sleep(0.3)
     raise TimeoutError(f"the server was not ready within {timeout} s")
+
+
+def fake_brotli(path: Path, texts=None) -> Path:
+    """A stand-in for brotli-1.2.1.tar.gz with the general-English texts (compactlm.compress.english) as plain
+    English-like paragraphs, CRLF line ends as the real ones have."""
+    import io
+    import tarfile
+
+    from compactlm.compress.english import TEXTS
+
+    with tarfile.open(path, "w:gz") as tar:
+        for i, name in enumerate([*(TEXTS.values() if texts is None else texts), "unrelated.txt"]):
+            body = "\r\n\r\n".join(english_docs(12, words_per_doc=120, seed=100 + i)).encode()
+            info = tarfile.TarInfo(f"brotli-1.2.1/tests/testdata/{name}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return path

@@ -194,6 +194,14 @@ def eval_cmd(
         ),
     ] = "compactlm",
     num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples per prompt.")] = None,
+    general: Annotated[
+        str,
+        typer.Option(
+            help="Also the perplexity on this held-out text, the same number of sequences: `english` (general "
+            "English no training reads: Carroll, Shakespeare, Milton, a report; pulled once, 7.4 MB), another corpus "
+            "or file, or `none`."
+        ),
+    ] = "english",
     out: Annotated[Path | None, typer.Option(help="Also save the table (.csv or .parquet).")] = None,
 ) -> None:
     """Held-out LM loss and perplexity of one or more models, side by side (the held-out split only), and
@@ -221,6 +229,7 @@ def eval_cmd(
         checkpoint.check_length(seq_len, "--seq-len")
     paths = [c.path for c in checkpoints]
     check_data(data, split="heldout")
+    general_data = None if general == "none" or general == data else general
     frame = evaluate_models(
         paths,
         data,
@@ -232,9 +241,11 @@ def eval_cmd(
         task_limit=task_limit,
         harness=harness,
         num_fewshot=num_fewshot,
+        general=general_data,
     )
     extra = [c for c in frame.columns if c.startswith(("chance_", "n_", "seconds_"))]
-    title = f"held-out perplexity ({data}, {samples} x {seq_len} tokens)"
+    also = f"; general_*: {general_data}" if general_data else ""
+    title = f"held-out perplexity ({data}{also}, {samples} x {seq_len} tokens)"
     table = results_table(frame.drop(columns=extra), title=title + (" and task accuracy" if task_names else ""))
     if task_names:  # chance as a last row under the accuracies
         table.add_section()

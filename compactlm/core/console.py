@@ -44,3 +44,11 @@ def stage_progress() -> Iterator:
             progress.update(tasks[stage], completed=done, total=total)
 
         yield update
+
+
+def download_progress() -> Progress:
+    """Spinner, description, bar, bytes, elapsed: for downloads and extraction."""
+    from rich.progress import DownloadColumn, SpinnerColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console)

@@ -95,6 +95,11 @@ def check_job(recipe: JobRecipe):
 
     check_data(recipe.data, "train")
     check_data(recipe.data, "heldout")
+    if recipe.evaluate.general is not None:
+        try:
+            check_data(recipe.evaluate.general, "heldout")  # a pulled one is pulled now
+        except CompactLMError as exc:
+            raise CompactLMError(f"{recipe.source}: evaluate.general: {exc}") from exc
     teacher = inspect_checkpoint(recipe.teacher)
     config = teacher.config
     rows = [{"model": TEACHER, **shape_of(config).as_dict(), "params": count_params(shape_of(config))}]
@@ -374,11 +379,13 @@ def _evaluate(job: Run, recipe: JobRecipe, paths: Paths, name: str, path: Path) 
             names=[name],
             tasks=list(cfg.tasks),
             task_limit=cfg.task_limit,
+            general=cfg.general if cfg.general != recipe.data else None,
         )
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in frame.iloc[0].items()}
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, row)
-        return {"path": str(out), **{k: v for k, v in row.items() if k in ("perplexity", "params")}}
+        keep = ("perplexity", "general_perplexity", "params")
+        return {"path": str(out), **{k: v for k, v in row.items() if k in keep}}
 
     config = {**dataclasses.asdict(cfg), "data": recipe.data}
     job.stage(f"eval/{name}", config, [_checkpoint_stage(recipe, name)], run, lambda o: Path(o["path"]).is_file())

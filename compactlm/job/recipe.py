@@ -91,6 +91,8 @@ class Evaluate:
     seq_len: int = 512
     tasks: tuple[str, ...] = ("general_knowledge", "social_iqa")
     task_limit: int | None = 100
+    general: str | None = "english"
+    """A second held-out text, perplexity on the same number of sequences (compactlm.compress.english); null: none."""
 
     def __post_init__(self):
         _positive(self, "samples", "seq_len")

@@ -41,7 +41,12 @@ def headline_table(recipe: JobRecipe, frame: pd.DataFrame, evals: pd.DataFrame, 
     for model in [m for m in ["teacher", *order] if m in set(evals.get("model", []))]:
         ev = evals.set_index("model").loc[model]
         row = {"model": model, "params (M)": ev["params"] / 1e6, "% of teacher": 100 * ev["params"] / teacher_params}
-        row["perplexity"] = ev["perplexity"]
+        for column, name in (("perplexity", "perplexity"), ("general_perplexity", "general perplexity")):
+            if column in evals.columns and not pd.isna(ev[column]):
+                row[name] = ev[column]
+                reference = evals.set_index("model")[column].get(base, math.nan)
+                if model not in ("teacher", base) and reference == reference:
+                    row[f"{name} x {base}"] = f"{ev[column] / reference:.1f}x"
         row.update({c: ev[c] for c in evals.columns if c.startswith("acc_")})
         for precision in recipe.engines.precisions:
             here = _throughput(points, model, precision)

