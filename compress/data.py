@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from compactlm.compress.mixture import is_mix, parse_mix
 from compactlm.core.errors import CompactLMError
 
 HELDOUT_PERCENT = 10
@@ -162,6 +163,8 @@ def _file_documents(path: Path, name: str) -> list[Document]:
 
 def documents(source: str | os.PathLike) -> list[Document]:
     """All documents of a named corpus, a .jsonl file ({"text": ...} per line), a text file or a folder of them."""
+    if is_mix(source):
+        raise CompactLMError(f"{source!r} is a data mix: give one source here (mixes make training sequences)")
     if str(source) in CORPORA:
         return _corpus_documents(CORPORA[str(source)])
     path = Path(source).expanduser()
@@ -218,6 +221,19 @@ def load_sequences(
 
     if num_sequences < 1 or seq_len < 2:
         raise CompactLMError("need at least 1 sequence of at least 2 tokens")
+    if is_mix(source):
+        mix = parse_mix(source)
+        parts = []
+        for (name, _), count in zip(mix.parts, mix.counts(num_sequences), strict=True):
+            if count:
+                try:
+                    parts.append(
+                        load_sequences(name, tokenizer, num_sequences=count, seq_len=seq_len, split=split, seed=seed)
+                    )
+                except CompactLMError as exc:
+                    raise CompactLMError(f"data mix {source!r}: {name}'s share ({count} rows): {exc}") from exc
+        rows = torch.cat(parts)
+        return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
     docs = split_documents(source, split, seed)
     if not docs:
         raise CompactLMError(f"data {source!s} has no documents in its {split!r} split")
@@ -248,7 +264,15 @@ def _check_trainable(source, split: str) -> None:
 
 
 def check_data(source: str | os.PathLike, split: str = "train") -> None:
-    """Cheap early check (no tokenization): the data exists and the split has documents with text."""
+    """Cheap early check (no tokenization): the data exists and the split has documents with text (every source
+    of a mix)."""
+    if is_mix(source):
+        for name, _ in parse_mix(source).parts:
+            try:
+                check_data(name, split)
+            except CompactLMError as exc:
+                raise CompactLMError(f"data mix {source!r}: {exc}") from exc
+        return
     _check_trainable(source, split)
     docs = documents(source)
     if str(source) in CORPORA and CORPORA[str(source)].heldout_only:
@@ -264,6 +288,8 @@ def check_data(source: str | os.PathLike, split: str = "train") -> None:
 
 def describe(source: str | os.PathLike) -> dict:
     """A short description for records: which data, which split rule."""
+    if is_mix(source):
+        return {"source": str(source), "mix": [{**describe(n), "weight": w} for n, w in parse_mix(source).parts]}
     info = {"source": str(source), "heldout_rule": f"sha256(doc_id)[:8] % 100 < {HELDOUT_PERCENT}"}
     if str(source) in CORPORA:
         corpus = CORPORA[str(source)]

@@ -52,6 +52,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's native bf16 matrix units, strongest first ("amx_bf16", "avx512_bf16"), or None: without them
+    bf16 math on a CPU is emulated and slower than fp32."""
+    flags = cpu_flags()
+    return next((name for name in ("amx_bf16", "avx512_bf16") if name in flags), None)
+
+
 def gpu_model() -> str | None:
     try:
         import torch
