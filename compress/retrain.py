@@ -21,7 +21,14 @@ from compactlm.compress.data import describe, load_sequences
 from compactlm.compress.distill import Distillation, check_compatible, lineage
 from compactlm.compress.evaluate import perplexity
 from compactlm.compress.teacher_cache import TeacherCache, cache_teacher_logits
-from compactlm.compress.train import CrossEntropy, TrainingData, distributed_from_env, gather_full_model, train
+from compactlm.compress.train import (
+    CrossEntropy,
+    TrainingData,
+    distributed_from_env,
+    gather_full_model,
+    precision_used,
+    train,
+)
 from compactlm.compress.train_config import DistillConfig, TrainConfig
 from compactlm.core.console import console, stage_progress
 from compactlm.core.errors import CompactLMError
@@ -195,6 +202,7 @@ def distill_checkpoint(
         "seconds": round(result.seconds, 1),
         "final_train_loss": result.final_loss,
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "precision": precision_used(train_cfg),
         "heldout_loss": _heldout_loss(model, heldout),
         "history": _rounded(result.history),
     }
@@ -246,6 +254,7 @@ def correct_teacher(
         "heldout_loss_before": before,
         "heldout_loss": _heldout_loss(model, heldout),
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "precision": precision_used(train_cfg),
         "history": _rounded(result.history),
     }
     _finish(model, out, work, teacher_path, record, overwrite, dist)

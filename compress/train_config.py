@@ -36,7 +36,9 @@ class TrainConfig:
     warmup_steps: int | None = option(None, "Linear warm-up steps (default: the paper's 40, or 10% of a shorter run).")
     weight_decay: float = option(0.01, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping by global norm (0 disables).")
-    precision: str = option("auto", "auto | fp32 | bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU.")
+    precision: str = option(
+        "auto", "auto | fp32 | bf16 (autocast); auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32."
+    )
     save_every: int = option(50, "Checkpoint every N optimizer steps (0: only on interrupt).")
     seed: int = option(0, "Seed of the data order and of every random draw.")
     parallel: str = option("ddp", "Under torchrun: ddp, or fsdp (CUDA only).")

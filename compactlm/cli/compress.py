@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from compactlm.cli import chain, quantize, search, train
+from compactlm.cli import chain, generate, quantize, search, train
 from compactlm.cli.options import BatchOpt, DataOpt, ModelArg, OverwriteOpt, SamplesOpt, SeqLenOpt
 from compactlm.core.console import console
 from compactlm.core.errors import CompactLMError
@@ -268,5 +268,5 @@ def eval_cmd(
         console.print(f"saved to {out}")
 
 
-for group in (train, search, quantize, chain):
+for group in (train, search, quantize, chain, generate):
     group.register(app)

@@ -41,16 +41,12 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def claim_run_folder(out: Path, kind: str, name: str, overwrite: bool = False) -> None:
-    """Make `out` the run folder of this `kind` of run named `name`; refuse a non-empty folder that is not a run
-    folder (it is someone's data) or that holds another run. `overwrite` empties a run folder of this kind."""
-    marker = out / MARKER
-    legacy = out / "job.json"  # the main job's marker before the run mechanism was shared
-    if legacy.is_file() and not marker.is_file():
-        write_json(marker, {"kind": "job", "name": read_json(legacy, "run marker").get("recipe"), "created": now()})
+def check_run_folder(out: Path, kind: str, name: str, overwrite: bool = False) -> None:
+    """The checks of claim_run_folder, with nothing written: call it before slow checks or downloads."""
+    marker, legacy = out / MARKER, out / "job.json"
     if out.exists() and not out.is_dir():
         raise CompactLMError(f"{out} is a file: give --out a folder")
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file() and not legacy.is_file():
         raise CompactLMError(
             f"{out} exists and is not a compactlm run folder (no {MARKER}): choose another --out; nothing was written"
         )
@@ -60,13 +56,23 @@ def claim_run_folder(out: Path, kind: str, name: str, overwrite: bool = False) -
             raise CompactLMError(
                 f"{out} is the run folder of a {owner.get('kind')}, not of a {kind}: choose another --out"
             )
-        if overwrite:
-            shutil.rmtree(out)
-        elif owner.get("name") != name:
+        if not overwrite and owner.get("name") != name:
             raise CompactLMError(
                 f"{out} is the run folder of {kind} {owner.get('name')!r}, not {name!r}: choose another --out"
                 + (", or --overwrite to replace it" if kind != "job" else "")
             )
+
+
+def claim_run_folder(out: Path, kind: str, name: str, overwrite: bool = False) -> None:
+    """Make `out` the run folder of this `kind` of run named `name`; refuse a non-empty folder that is not a run
+    folder (it is someone's data) or that holds another run. `overwrite` empties a run folder of this kind."""
+    marker = out / MARKER
+    legacy = out / "job.json"  # the main job's marker before the run mechanism was shared
+    if legacy.is_file() and not marker.is_file():
+        write_json(marker, {"kind": "job", "name": read_json(legacy, "run marker").get("recipe"), "created": now()})
+    check_run_folder(out, kind, name, overwrite)
+    if overwrite and marker.is_file():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         write_json(marker, {"kind": kind, "name": name, "created": now()})

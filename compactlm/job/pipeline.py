@@ -15,11 +15,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from compactlm.compress.mixture import Mix, is_mix, parse_mix
 from compactlm.core.console import console
 from compactlm.core.errors import CompactLMError
 from compactlm.core.io import atomic_file, write_json
-from compactlm.core.runs import Run
-from compactlm.job.recipe import CORRECTED, TEACHER, JobRecipe, engine_models, model_names
+from compactlm.core.runs import Run, check_run_folder
+from compactlm.job.recipe import CORRECTED, GENERATED, TEACHER, JobRecipe, engine_models, model_names, sources
 
 
 @dataclasses.dataclass
@@ -42,6 +43,10 @@ class Paths:
     def cache(self) -> Path:
         return self.out / "teacher-cache"
 
+    @property
+    def generated(self) -> Path:
+        return self.out / "data" / GENERATED
+
     def eval(self, name: str) -> Path:
         return self.out / "eval" / f"{name}.json"
 
@@ -63,6 +68,8 @@ def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
     if r.correction.enabled:
         plan["correct-teacher"] = 5e-3 * r.correction.planned_tokens() + 20
     plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
+    if r.generate.enabled:  # an engine build, then ~350 kept tokens/s at batch 32 (SmolLM2, bf16, 2 cores)
+        plan["generate"] = r.generate.tokens / 350 + 30
     task_metrics = {t.depth_metric for t in r.students.values() if t.num_layers and t.depth_metric.startswith("task:")}
     # SmolLM2, 12 candidate blocks: 88 s for 256 winowhy examples in the job; longer prompts and more blocks cost more
     plan["importance"] += 0.6 * r.importance.task_samples * len(task_metrics)
@@ -95,11 +102,12 @@ def check_job(recipe: JobRecipe):
 
     check_data(recipe.data, "train")
     check_data(recipe.data, "heldout")
-    if recipe.evaluate.general is not None:
-        try:
-            check_data(recipe.evaluate.general, "heldout")  # a pulled one is pulled now
-        except CompactLMError as exc:
-            raise CompactLMError(f"{recipe.source}: evaluate.general: {exc}") from exc
+    if recipe.distill.data is not None:  # every source but the text the job will generate
+        for name in set(sources(recipe.train_data)) - {GENERATED}:
+            try:
+                check_data(name, "train")
+            except CompactLMError as exc:
+                raise CompactLMError(f"{recipe.source}: distill.data: {exc}") from exc
     teacher = inspect_checkpoint(recipe.teacher)
     config = teacher.config
     rows = [{"model": TEACHER, **shape_of(config).as_dict(), "params": count_params(shape_of(config))}]
@@ -124,12 +132,18 @@ def check_job(recipe: JobRecipe):
             raise CompactLMError(
                 f"{recipe.source}: {what} needs {length} positions; the teacher has {max_pos} (max_position_embeddings)"
             )
+    if recipe.evaluate.general is not None:
+        try:
+            check_data(recipe.evaluate.general, "heldout")  # last: a pulled set is downloaded now
+        except CompactLMError as exc:
+            raise CompactLMError(f"{recipe.source}: evaluate.general: {exc}") from exc
     return teacher, frame
 
 
 def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
     """Run (or resume) the whole job; returns the report's index.html."""
     out = Path(out or recipe.default_out()).expanduser()
+    check_run_folder(out, "job", recipe.name)  # before anything is pulled
     checked, shapes = check_job(recipe)  # before anything is created
     job = Run.claim(out, "job", recipe.name, estimates(recipe, True))
     paths = Paths(out)
@@ -149,6 +163,8 @@ def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
     names.update(num_query_groups="KV heads", params_pct="% of teacher")
     shapes = shapes[["model", *names, "params"]].rename(columns=names)
     console.print(results_table(shapes, title=f"{recipe.name}: the teacher and its students"))
+    if recipe.generate.enabled:
+        _generate(job, recipe, paths, teacher)
     source = _correct(job, recipe, paths, teacher)
     _importance(job, recipe, paths, source)
     for name, target in recipe.students.items():
@@ -211,7 +227,7 @@ def _correct(job: Run, recipe: JobRecipe, paths: Paths, teacher: Path) -> Path:
             record = correct_teacher(
                 teacher,
                 out,
-                data=recipe.data,
+                data=train_data(recipe, paths),
                 train_cfg=TrainConfig.of(cfg),
                 resume=resume,
                 overwrite=True,
@@ -221,9 +237,38 @@ def _correct(job: Run, recipe: JobRecipe, paths: Paths, teacher: Path) -> Path:
             raise _interrupted(exc) from exc
         return {"path": str(out), "tokens": record["tokens"], "final_train_loss": record["final_train_loss"]}
 
-    config = {**dataclasses.asdict(cfg), "data": recipe.data}
-    job.stage("correct-teacher", config, ["pull"], run, _is_dir, f"{cfg.planned_tokens():,} tokens of CE")
+    config = {**dataclasses.asdict(cfg), "data": recipe.train_data}
+    job.stage(
+        "correct-teacher", config, _data_deps(recipe, "pull"), run, _is_dir, f"{cfg.planned_tokens():,} tokens of CE"
+    )
     return out
+
+
+def train_data(recipe: JobRecipe, paths: Paths) -> str:
+    """The training data as the stages read it: `generated` in a mix replaced by the job's generated corpus."""
+    data = recipe.train_data
+    if not is_mix(data):
+        return str(paths.generated) if data == GENERATED else data
+    return str(Mix(tuple((str(paths.generated) if n == GENERATED else n, w) for n, w in parse_mix(data).parts)))
+
+
+def _data_deps(recipe: JobRecipe, *deps: str) -> list[str]:
+    return [*deps, *(["generate"] if recipe.generate.enabled else [])]
+
+
+def _generate(job: Run, recipe: JobRecipe, paths: Paths, teacher: Path) -> None:
+    from compactlm.compress.generate import GenerateConfig, generate_corpus
+
+    cfg = recipe.generate
+
+    def run(resume: bool) -> dict:
+        settings = GenerateConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GenerateConfig)})
+        record = generate_corpus(str(teacher), paths.generated, settings, overwrite=True)
+        return {"path": str(paths.generated), "tokens": record["tokens"], "samples": record["samples"]}
+
+    config = {**dataclasses.asdict(cfg), "teacher": recipe.teacher}
+    how = f"{cfg.tokens:,} tokens sampled from the teacher (T {cfg.temperature}, top-p {cfg.top_p})"
+    job.stage("generate", config, ["pull"], run, _is_dir, how)
 
 
 def _is_dir(outputs: dict) -> bool:
@@ -311,7 +356,7 @@ def _teacher_cache(job: Run, recipe: JobRecipe, paths: Paths, source: Path) -> N
         path = cache_logits(
             source,
             paths.cache,
-            data=recipe.data,
+            data=train_data(recipe, paths),
             train_cfg=cfg.train,
             top_k=cfg.top_k,
             overwrite=True,
@@ -319,8 +364,8 @@ def _teacher_cache(job: Run, recipe: JobRecipe, paths: Paths, source: Path) -> N
         return {"path": str(path)}
 
     config = {k: getattr(cfg, k) for k in CACHE_FIELDS}  # what decides the rows the students will read
-    config.update(top_k=cfg.top_k, data=recipe.data)
-    deps = ["correct-teacher" if recipe.correction.enabled else "pull"]
+    config.update(top_k=cfg.top_k, data=recipe.train_data)
+    deps = _data_deps(recipe, "correct-teacher" if recipe.correction.enabled else "pull")
     job.stage("teacher-cache", config, deps, run, _is_dir, f"top-{cfg.top_k} logits of {cfg.planned_tokens():,} tokens")
 
 
@@ -337,7 +382,7 @@ def _distill(job: Run, recipe: JobRecipe, paths: Paths, source: Path, name: str)
                 source,
                 paths.pruned(name),
                 out,
-                data=recipe.data,
+                data=train_data(recipe, paths),
                 train_cfg=cfg.train,
                 distill_cfg=cfg.objective,
                 teacher_cache=paths.cache if cfg.teacher_cache else None,
@@ -350,8 +395,8 @@ def _distill(job: Run, recipe: JobRecipe, paths: Paths, source: Path, name: str)
         keys = ("loss", "tokens", "steps", "seconds", "final_train_loss", "peak_memory_mb")
         return {"path": str(out), **{k: record[k] for k in keys}}
 
-    config = {**dataclasses.asdict(cfg), "data": recipe.data}
-    deps = [f"prune/{name}", *(["teacher-cache"] if cfg.teacher_cache else [])]
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "data"} | {"data": recipe.train_data}
+    deps = _data_deps(recipe, f"prune/{name}", *(["teacher-cache"] if cfg.teacher_cache else []))
     how = f"{cfg.planned_tokens():,} tokens, {cfg.loss} loss" + (", cached teacher logits" if cfg.teacher_cache else "")
     job.stage(f"distill/{name}", config, deps, run, _is_dir, how)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compactlm.bench.sweep import Sweep
+from compactlm.compress.generate import GenerateConfig
+from compactlm.compress.mixture import is_mix, parse_mix
 from compactlm.compress.prune import PruneTarget
 from compactlm.compress.train_config import DistillRun, TrainConfig
 from compactlm.core.config import Located, build, default, load_yaml, overlay, part, set_values
@@ -59,6 +61,26 @@ class Importance:
         _positive(self, "samples", "seq_len", "task_samples")
 
 
+GENERATED = "generated"
+"""The name of the job's teacher-generated text in `distill.data`."""
+
+
+@dataclass(frozen=True)
+class Generate(GenerateConfig):
+    """Text sampled from the teacher as shipped, on the cpu engine (compress/generate.py): `tokens: 0` makes none.
+    Name it `generated` in distill.data to train on it."""
+
+    tokens: int = default(GenerateConfig, "tokens", 0)
+
+    def __post_init__(self):
+        if self.tokens != 0:
+            super().__post_init__()
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens != 0
+
+
 @dataclass(frozen=True)
 class Distill(DistillRun):
     """Retraining every student by distillation from the (corrected) teacher, with the same budget. Its keys are
@@ -69,10 +91,18 @@ class Distill(DistillRun):
     teacher_cache: bool = True
     """Cache the teacher's top-k logits once for every student (logit loss only): no teacher in training memory."""
     top_k: int = 64
+    data: str | None = None
+    """What teacher correction and distillation train on: a source or a mix `a:w,b:w` (compress/mixture.py), where
+    `generated` names the job's teacher-generated text (`generate:`); null: the recipe's `data`."""
 
     def __post_init__(self):
         super().__post_init__()
         self.require_length()
+        if self.data is not None and is_mix(self.data):
+            try:
+                parse_mix(self.data)
+            except CompactLMError as exc:
+                raise CompactLMError(str(exc), key="data") from exc
         if self.top_k < 1:
             raise CompactLMError(f"distill.top_k must be >= 1, not {self.top_k}", key="top_k")
         if self.teacher_cache and self.loss != "logit":
@@ -151,6 +181,7 @@ class JobRecipe:
     correction: Correction = field(default_factory=Correction)
     importance: Importance = field(default_factory=Importance)
     students: dict[str, PruneTarget] = field(default_factory=dict)
+    generate: Generate = field(default_factory=Generate)
     distill: Distill = field(default_factory=Distill)
     evaluate: Evaluate = field(default_factory=Evaluate)
     engines: Engines = field(default_factory=Engines)
@@ -174,6 +205,16 @@ class JobRecipe:
                     f"(and not {' or '.join(RESERVED)})",
                     key=f"students.{name}",
                 )
+        named = GENERATED in sources(self.train_data)
+        if named and not self.generate.enabled:
+            raise CompactLMError(
+                "distill.data names `generated`, but generate.tokens is 0: give generate.tokens", key="distill.data"
+            )
+        if self.generate.enabled and not named:
+            raise CompactLMError(
+                "generate.tokens is set, but distill.data does not name `generated`: nothing would read it",
+                key="generate.tokens",
+            )
         if self.sweep.engines:
             raise CompactLMError(
                 "sweep.engines: the job benchmarks the engines it builds; leave `engines` out", key="sweep.engines"
@@ -188,6 +229,11 @@ class JobRecipe:
             )
 
     @property
+    def train_data(self) -> str:
+        """What correction and distillation train on (distill.data, else data)."""
+        return self.distill.data if self.distill.data is not None else self.data
+
+    @property
     def headline(self) -> tuple[int, int, int]:
         """(ISL, OSL, batch size) of the report's headline throughput, in the sweep's scaled lengths."""
         shape = self.report.shape or self.sweep.shapes[0]
@@ -196,6 +242,11 @@ class JobRecipe:
 
     def default_out(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{self.name}-{self.budget}"
+
+
+def sources(data: str) -> list[str]:
+    """The sources a data value names (one, or every source of a mix)."""
+    return [name for name, _ in parse_mix(data).parts] if is_mix(data) else [data]
 
 
 def model_names(recipe: JobRecipe) -> list[str]:

@@ -37,6 +37,15 @@ def _isolated_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("COMPACTLM_HOME", str(tmp_path_factory.mktemp("compactlm-home")))
 
 
+@pytest.fixture(autouse=True)
+def _fp32_training(monkeypatch):
+    """`precision: auto` trains in bf16 on CPUs with bf16 units: pin the detection to "none", so that the suite's
+    exact comparisons of training runs mean the same on every CPU (tests of bf16 ask for it)."""
+    from compactlm.core import host
+
+    monkeypatch.setattr(host, "cpu_bf16", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def _fake_brotli_sdist(tmp_path_factory) -> Path:
     from tests.helpers import fake_brotli

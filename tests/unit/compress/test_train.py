@@ -384,3 +384,24 @@ def test_out_of_memory_gives_a_hint_instead_of_a_traceback(tmp_path):
 
     with pytest.raises(CompactLMError, match="lower --batch-size"):
         train(_model(), Hungry(), _data(), _cfg(steps=2), tmp_path)
+
+
+@pytest.mark.parametrize(("units", "expected"), [("amx_bf16", "bf16"), ("avx512_bf16", "bf16"), (None, "fp32")])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_units(monkeypatch, units, expected):
+    from compactlm.compress import train as train_module
+    from compactlm.core import host
+
+    monkeypatch.setattr(host, "cpu_bf16", lambda: units)
+    assert train_module.precision_used(TrainConfig(steps=1)) == expected
+    assert train_module.precision_used(TrainConfig(steps=1, precision="fp32")) == "fp32"
+    assert train_module.precision_used(TrainConfig(steps=1, precision="bf16")) == "bf16"
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    data = TrainingData(random_tokens(4, 16, seed=5).repeat(2, 1), seed=0)
+    model = _model()
+    with torch.no_grad():
+        before = cross_entropy(model(input_ids=data.sequences, use_cache=False).logits, data.sequences).item()
+    result = train(model, CrossEntropy(), data, _cfg(steps=20, batch_size=4, lr=3e-3, precision="bf16"), tmp_path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights, bf16 math
+    assert result.history[-1]["loss"] < 0.8 * before
