@@ -6,7 +6,7 @@ the teacher of the next stage, and ends with a family table (parameters, perplex
     data: python-docs                    # importance, distillation and held-out text
     importance: {samples: 64, depth_samples: 8}
     distill: {loss: logit, batch_size: 4}        # laid under every stage's own distill: (TrainConfig + DistillConfig)
-    eval: {samples: 32, seq_len: 512, tasks: [general_knowledge, social_iqa], task_limit: 100}
+    eval: {samples: 32, seq_len: 512, tasks: [general_knowledge, social_iqa], task_limit: 100}   # general: english
     stages:
       - name: 86m
         prune: {hidden_size: 432, ffn_hidden_size: 1152}
@@ -63,6 +63,7 @@ class ChainEval:
     batch_size: int = 4
     tasks: tuple[str, ...] = ()
     task_limit: int = 100
+    general: str | None = "english"  # a held-out set outside the data's domain (compactlm.compress.english); null: none
 
     def __post_init__(self):
         from compactlm.compress.tasks import resolve_task_names
@@ -146,6 +147,13 @@ def check_chain(recipe: ChainRecipe) -> None:
         except CompactLMError as exc:
             raise CompactLMError(f"{recipe.source}: stage {stage.name!r}: {exc}") from exc
         config = type(config)(**new_config)
+    if recipe.eval.general is not None:  # last: a pulled set is downloaded now
+        from compactlm.compress.data import check_data
+
+        try:
+            check_data(recipe.eval.general, "heldout")
+        except CompactLMError as exc:
+            raise CompactLMError(f"{recipe.source}: eval.general: {exc}") from exc
 
 
 def run_chain(recipe: ChainRecipe, out: str | os.PathLike, *, overwrite: bool = False, progress=None) -> pd.DataFrame:
@@ -250,6 +258,7 @@ def _eval_stage(run, recipe: ChainRecipe, name: str, path: Path, dep: str, folde
             names=[name],
             tasks=list(e.tasks) or None,
             task_limit=e.task_limit,
+            general=e.general if e.general != recipe.data else None,
         )
         metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in frame.iloc[0].items()}
         write_json(file, {"settings": dataclasses.asdict(e), "metrics": metrics})
@@ -282,6 +291,8 @@ def _family_row(stage: int, name: str, path: Path, tokens: int, total: int, metr
         "heldout_loss": metrics["heldout_loss"],
         "perplexity": metrics["perplexity"] if metrics["perplexity"] is not None else math.inf,
     }
+    if "general_perplexity" in metrics:
+        row["general_perplexity"] = metrics["general_perplexity"]
     row |= {k: v for k, v in metrics.items() if k.startswith("acc_")}
     row["path"] = str(path)
     return row

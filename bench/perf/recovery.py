@@ -5,8 +5,8 @@ set (compress/english.py). Resumable: rows already in the results file are not r
 Needs a finished main job (its corrected teacher and pruned students), and for the `generated` rows a corpus from
 `compactlm compress generate-data smollm2-135m DIR` (--generated DIR):
 
-    python -m compactlm.bench.perf.recovery --run runs/smollm2-minitron-small --generated runs/gen \\
-        --out docs/compress/recovery [--rows lr,data] [--seeds 0,1]
+    python -m compactlm.bench.perf.recovery --run runs/recovery/base-job --generated runs/gen \\
+        --out docs/compress/recovery [--rows lr,data] [--seeds 0,1] [--changes 'LABEL;LABEL']
 
 Writes results.csv (one line per row and seed) and ablation.md (the mean over seeds, with the spread).
 """
@@ -22,6 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 BASE = {"student": "width", "lr": 1e-4, "min_lr": 1e-5, "data": "python-docs", "precision": "fp32", "tokens": 24576}
+DEFAULTS = {"batch_size": 4, "temperature": 1.0, "loss": "logit"}
+"""Settings rows vary that the first rows did not: left out of a row's key when at these values, so the rows
+measured before them keep their keys."""
 """The main job's recipe before this ablation (recipes/smollm2-minitron.yaml, budget small)."""
 
 ROWS = {  # group: [(label, changes to BASE)]
@@ -39,6 +42,24 @@ ROWS = {  # group: [(label, changes to BASE)]
             {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4, "data": "python-docs:0.5,linux-docs:0.5"},
         ),
     ],
+    "batch": [
+        (
+            f"batch {b} x 256 ({24576 // (b * 256)} steps)",
+            {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4, "batch_size": b},
+        )
+        for b in (2, 4, 8)
+    ],
+    "temperature": [
+        (f"temperature {t:g}", {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4, "temperature": t}) for t in (1.0, 2.0)
+    ],
+    "loss": [
+        ("logit (cached top-64)", {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4}),
+        ("logit + hidden (live teacher)", {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4, "loss": "logit+hidden"}),
+    ],
+    "tokens": [
+        (f"{tokens:,} tokens", {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4, "tokens": tokens})
+        for tokens in (24576, 73728)
+    ],
 }
 
 
@@ -52,12 +73,13 @@ def _data(value: str, generated: Path | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("runs/smollm2-minitron-small"))
+    parser.add_argument("--run", type=Path, default=Path("runs/recovery/base-job"))
     parser.add_argument("--generated", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/recovery"))
     parser.add_argument("--rows", default=",".join(ROWS), help=f"groups to run: {', '.join(ROWS)}")
     parser.add_argument("--students", default="width,depth")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--changes", default=None, help="only the rows with these labels (;-separated)")
     parser.add_argument("--eval-samples", type=int, default=16)
     args = parser.parse_args()
 
@@ -74,11 +96,14 @@ def main() -> None:
         (group, label, {**BASE, **changes, "student": student, "seed": int(seed)})
         for group in args.rows.split(",")
         for label, changes in ROWS[group]
+        if args.changes is None or label in args.changes.split(";")
         for student in args.students.split(",")
         for seed in args.seeds.split(",")
     ]
     for group, label, row in plan:
-        key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:12]
+        keyed = {k: v for k, v in row.items() if not (k in DEFAULTS and DEFAULTS[k] == v)}
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+        row = {**DEFAULTS, **row}
         if key in keys:  # measured already (in this group, or in another one: then the same line, relabelled)
             if not ((done["key"] == key) & (done["group"] == group)).any():
                 same = done[done["key"] == key].iloc[[0]].assign(group=group, change=label)
@@ -89,15 +114,20 @@ def main() -> None:
         cfg = TrainConfig(
             tokens=row["tokens"],
             seq_len=256,
-            batch_size=4,
+            batch_size=row["batch_size"],
             lr=row["lr"],
             min_lr=row["min_lr"],
             precision=row["precision"],
             seed=row["seed"],
             save_every=0,
         )
-        cache = args.out / "cache" / hashlib.sha256(f"{data}|{row['tokens']}|{row['seed']}".encode()).hexdigest()[:12]
-        if not cache.is_dir():
+        rows_read = f"{data}|{row['tokens']}|{row['seed']}" + (
+            f"|{row['batch_size']}" if row["batch_size"] != 4 else ""
+        )
+        cache = args.out / "cache" / hashlib.sha256(rows_read.encode()).hexdigest()[:12]
+        if row["loss"] != "logit":  # the hidden-state loss needs the teacher's hidden states: a live teacher
+            cache = None
+        elif not cache.is_dir():
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache_logits(teacher, cache, data=data, train_cfg=cfg, top_k=64)
         out = args.out / "students" / key
@@ -109,7 +139,7 @@ def main() -> None:
             out,
             data=data,
             train_cfg=cfg,
-            distill_cfg=DistillConfig(loss="logit"),
+            distill_cfg=DistillConfig(loss=row["loss"], temperature=row["temperature"]),
             teacher_cache=cache,
             overwrite=True,
             eval_samples=0,

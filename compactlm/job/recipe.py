@@ -10,13 +10,14 @@ and its line, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compactlm.bench.sweep import Sweep
 from compactlm.compress.generate import GenerateConfig
-from compactlm.compress.mixture import is_mix, parse_mix
+from compactlm.compress.mixture import Mix, is_mix, parse_mix
 from compactlm.compress.prune import PruneTarget
 from compactlm.compress.train_config import DistillRun, TrainConfig
 from compactlm.core.config import Located, build, default, load_yaml, overlay, part, set_values
@@ -215,6 +216,8 @@ class JobRecipe:
                 "generate.tokens is set, but distill.data does not name `generated`: nothing would read it",
                 key="generate.tokens",
             )
+        if named:
+            self._check_generated_share()
         if self.sweep.engines:
             raise CompactLMError(
                 "sweep.engines: the job benchmarks the engines it builds; leave `engines` out", key="sweep.engines"
@@ -226,6 +229,26 @@ class JobRecipe:
         if self.report.batch_size is not None and self.report.batch_size not in self.sweep.batch_sizes:
             raise CompactLMError(
                 f"report.batch_size {self.report.batch_size} is not one of sweep.batch_sizes", key="report.batch_size"
+            )
+
+    def _check_generated_share(self) -> None:
+        """The generated text's share of the longest training read fits in its train split (90% of it, by the
+        hash split; 85% asked, for the split's spread), so an undersized generation fails here, not after it."""
+        from compactlm.compress.data import HELDOUT_PERCENT
+
+        mix = parse_mix(self.train_data) if is_mix(self.train_data) else Mix(((GENERATED, 1.0),))
+        share = dict(mix.parts)[GENERATED] / sum(w for _, w in mix.parts)
+        reads = [self.distill.planned_tokens()]
+        if self.correction.enabled:
+            reads.append(self.correction.planned_tokens())
+        need = math.ceil(share * max(reads))
+        usable = int(self.generate.tokens * (100 - HELDOUT_PERCENT - 5) / 100)
+        if need > usable:
+            raise CompactLMError(
+                f"generate.tokens {self.generate.tokens:,} is too few: training reads {need:,} tokens of `generated` "
+                f"({share:.0%} of {max(reads):,}) and its train split holds ~{usable:,}; give generate.tokens >= "
+                f"{math.ceil(need * 100 / (100 - HELDOUT_PERCENT - 5)):,}",
+                key="generate.tokens",
             )
 
     @property

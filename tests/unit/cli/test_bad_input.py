@@ -127,6 +127,10 @@ CASES = {  # command lines, split on spaces; {work}, {teacher}, ... are the fixt
     "distill: a weight not a number": f"{DISTILL} --data {{corpus}}:lots --steps 1 --seq-len 16",
     "distill: on the held-out English": f"{DISTILL} --data english --steps 1 --seq-len 16",
     "run: a mix whose weights sum to 0": "run {recipe} --set distill.data=python-docs:0 --out {work}/r",
+    "run: generation too small for its share": "run {recipe} --set distill.data=generated --set generate.tokens=64 "
+    "--out {work}/r",
+    "run: generated text named, none made": "run {recipe} --set distill.data={corpus}:1,generated:1 --out {work}/r",
+    "run: generation nobody reads": "run {recipe} --set generate.tokens=4096 --out {work}/r",
     "generate-data: budget 0": "compress generate-data {teacher} {work}/g --tokens 0",
     "generate-data: no such prompts": "compress generate-data {teacher} {work}/g --prompts {work}/none.txt",
     "generate-data: binary prompts": "compress generate-data {teacher} {work}/g --prompts {binary}",

@@ -44,6 +44,10 @@ def test_the_repo_recipe_loads_with_both_budgets():
     assert full.students["searched"].num_query_groups == 2 and full.students["searched"].num_layers == 26
     assert small.headline == (128, 128, 32)
     assert small.default_out() == Path("runs/smollm2-minitron-small")
+    # the recipe distils on half docs, half the teacher's own text, and generates enough of it for both budgets
+    for recipe in (small, full):
+        assert recipe.train_data == "python-docs:0.5,generated:0.5" and recipe.generate.enabled
+        assert recipe.distill.precision == "auto" and recipe.distill.lr == 1e-3
 
 
 def test_set_overrides_one_value_and_keeps_the_rest():
@@ -77,6 +81,13 @@ def test_set_overrides_one_value_and_keeps_the_rest():
         (BASE + "report: {batch_size: 32}\n", r"report.batch_size 32 is not one of sweep.batch_sizes"),
         (BASE.replace("name: job", "name: My Job"), r"recipe name 'My Job'"),
         ("students: {}\n", r"recipe.yaml: the recipe needs name"),
+        (
+            BASE + "generate: {tokens: 20000}\ndistill: {tokens: 40960, data: 'python-docs:1,generated:1'}\n",
+            r"recipe.yaml:8: generate.tokens 20,000 is too few: training reads 20,480 tokens of `generated` "
+            r"\(50% of 40,960\) and its train split holds ~17,000; give generate.tokens >= 24,095",
+        ),
+        (BASE + "distill: {data: generated}\n", r"distill.data names `generated`, but generate.tokens is 0"),
+        (BASE + "generate: {tokens: 4096}\n", r"generate.tokens is set, but distill.data does not name `generated`"),
     ],
 )
 def test_bad_recipes_are_refused_with_the_key_and_its_line(tmp_path, text, message):
