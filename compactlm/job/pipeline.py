@@ -65,11 +65,11 @@ def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
     """Stage name -> estimated seconds on a 2-core CPU (measured there; the job rescales them as it runs)."""
     r, plan = recipe, {}
     plan["pull"] = 0.0 if cached_teacher else 30.0
+    if r.generate.enabled:  # an engine build, then ~350 kept tokens/s at batch 32 (SmolLM2, bf16, 2 cores)
+        plan["generate"] = r.generate.tokens / 350 + 30
     if r.correction.enabled:
         plan["correct-teacher"] = 5e-3 * r.correction.planned_tokens() + 20
     plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
-    if r.generate.enabled:  # an engine build, then ~350 kept tokens/s at batch 32 (SmolLM2, bf16, 2 cores)
-        plan["generate"] = r.generate.tokens / 350 + 30
     task_metrics = {t.depth_metric for t in r.students.values() if t.num_layers and t.depth_metric.startswith("task:")}
     # SmolLM2, 12 candidate blocks: 88 s for 256 winowhy examples in the job; longer prompts and more blocks cost more
     plan["importance"] += 0.6 * r.importance.task_samples * len(task_metrics)
