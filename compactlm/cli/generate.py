@@ -1,4 +1,4 @@
-"""`compactlm compress generate-data`: distillation text sampled from the teacher (compress/generate.py)."""
+"""`compactlm compress generate-data`: distillation text sampled from the teacher (engines/generate.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from compactlm.cli.options import OverwriteOpt, config_options
-from compactlm.compress.generate import GenerateConfig
+from compactlm.engines.generate import GenerateConfig
 from compactlm.core.console import console
 
 
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         """Sample distillation text from the teacher on the cpu engine: seeded, filtered (short, degenerate and
         near-duplicate samples dropped), written as a corpus with its own fixed held-out split and a record of how
         it was made (generation.json)."""
-        from compactlm.compress.generate import generate_corpus
+        from compactlm.engines.generate import generate_corpus
 
         cfg = GenerateConfig(**{k: v for k, v in options.items() if v is not None})
         record = generate_corpus(teacher, out, cfg, prompts_file=prompts, precision=precision, overwrite=overwrite)

@@ -257,7 +257,7 @@ def _data_deps(recipe: JobRecipe, *deps: str) -> list[str]:
 
 
 def _generate(job: Run, recipe: JobRecipe, paths: Paths, teacher: Path) -> None:
-    from compactlm.compress.generate import GenerateConfig, generate_corpus
+    from compactlm.engines.generate import GenerateConfig, generate_corpus
 
     cfg = recipe.generate
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compactlm.bench.sweep import Sweep
-from compactlm.compress.generate import GenerateConfig
+from compactlm.engines.generate import GenerateConfig
 from compactlm.compress.mixture import Mix, is_mix, parse_mix
 from compactlm.compress.prune import PruneTarget
 from compactlm.compress.train_config import DistillRun, TrainConfig
@@ -68,7 +68,7 @@ GENERATED = "generated"
 
 @dataclass(frozen=True)
 class Generate(GenerateConfig):
-    """Text sampled from the teacher as shipped, on the cpu engine (compress/generate.py): `tokens: 0` makes none.
+    """Text sampled from the teacher as shipped, on the cpu engine (engines/generate.py): `tokens: 0` makes none.
     Name it `generated` in distill.data to train on it."""
 
     tokens: int = default(GenerateConfig, "tokens", 0)

@@ -66,7 +66,7 @@ def test_chain_stages_take_the_same_keys_with_the_same_defaults(tmp_path):
 
 def test_the_job_recipe_sections_take_the_same_keys_and_defaults(tmp_path):
     assert set(fields_of(Correction)) == TRAIN
-    assert set(fields_of(Distill)) == TRAIN | OBJECTIVE | {"teacher_cache", "top_k"}
+    assert set(fields_of(Distill)) == TRAIN | OBJECTIVE | {"teacher_cache", "top_k", "data"}
     path = tmp_path / "recipe.yaml"
     path.write_text("name: job\nstudents: {small: {num_layers: 2}}\n")
     recipe = load_job_recipe(path)

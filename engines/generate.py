@@ -1,4 +1,6 @@
 """Teacher-generated distillation data: text sampled from the teacher itself, so that the student is taught the
+
+It sits with the engines because it drives one (the layers point down: compress never imports an engine).
 teacher's whole distribution rather than one narrow corpus (issue 18: distilled on Python documentation alone,
 students learned that corpus and kept little of the teacher's general English).
 
@@ -209,7 +211,7 @@ def generate_data(
         "teacher": source,
         "engine": {"backend": engine.manifest.backend, "precision": engine.manifest.precision},
         "config": asdict(cfg),
-        "prompts": prompts if prompts != list(SEED_PROMPTS) else "built-in (compress/generate.py SEED_PROMPTS)",
+        "prompts": prompts if prompts != list(SEED_PROMPTS) else "built-in (engines/generate.py SEED_PROMPTS)",
         "samples": {"submitted": submitted, "kept": len(rows), "dropped": keep.dropped},
         "tokens": {"kept": kept_tokens, "generated": generated},
         "seconds": round(seconds, 1),
