@@ -1,6 +1,4 @@
 """Teacher-generated distillation data: text sampled from the teacher itself, so that the student is taught the
-
-It sits with the engines because it drives one (the layers point down: compress never imports an engine).
 teacher's whole distribution rather than one narrow corpus (issue 18: distilled on Python documentation alone,
 students learned that corpus and kept little of the teacher's general English).
 
@@ -13,6 +11,8 @@ half of their 8-grams repeated within the sample) and near-duplicates (more than
 earlier samples) are dropped. The folder written is an ordinary data source: `generated.jsonl` (one {"text"}
 per line; the fixed hash rule of compress/data.py holds out 10% of the lines) and `generation.json`, the record
 of how it was made.
+
+It sits with the engines because it drives one (the layers point down: compress never imports an engine).
 """
 
 from __future__ import annotations

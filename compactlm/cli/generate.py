@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from compactlm.cli.options import OverwriteOpt, config_options
-from compactlm.engines.generate import GenerateConfig
 from compactlm.core.console import console
+from compactlm.engines.generate import GenerateConfig
 
 
 def register(app: typer.Typer) -> None:

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compactlm.bench.sweep import Sweep
-from compactlm.engines.generate import GenerateConfig
 from compactlm.compress.mixture import Mix, is_mix, parse_mix
 from compactlm.compress.prune import PruneTarget
 from compactlm.compress.train_config import DistillRun, TrainConfig
 from compactlm.core.config import Located, build, default, load_yaml, overlay, part, set_values
 from compactlm.core.errors import CompactLMError
+from compactlm.engines.generate import GenerateConfig
 
 BASE_BUDGET = "small"
 NAME = re.compile(r"^[a-z][a-z0-9_-]*$")

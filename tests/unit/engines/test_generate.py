@@ -7,8 +7,8 @@ import json
 import pytest
 
 from compactlm.compress.data import check_data, is_heldout, load_sequences
-from compactlm.engines.generate import CORPUS_FILE, RECORD_FILE, GenerateConfig, _Filter, generate_corpus
 from compactlm.core.errors import CompactLMError
+from compactlm.engines.generate import CORPUS_FILE, RECORD_FILE, GenerateConfig, _Filter, generate_corpus
 from tests.helpers import tiny_engine
 
 
