@@ -62,32 +62,36 @@ class Paths:
 
 
 def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
-    """Stage name -> estimated seconds on a 2-core CPU (measured there; the job rescales them as it runs)."""
+    """Stage name -> estimated seconds on a 2-core CPU (the job rescales them as it runs). The rates are those
+    the main job measured on 2026-12-03 (docs/job/smollm2-minitron-small/stages, bf16 training on a Xeon with
+    AMX); a CPU without bf16 units trains in fp32, ~1.5x slower, and the job's rescaling absorbs it."""
     r, plan = recipe, {}
     plan["pull"] = 0.0 if cached_teacher else 30.0
-    if r.generate.enabled:  # an engine build, then ~350 kept tokens/s at batch 32 (SmolLM2, bf16, 2 cores)
-        plan["generate"] = r.generate.tokens / 350 + 30
+    if r.generate.enabled:  # an engine build, then ~600 kept tokens/s at batch 32 (SmolLM2, bf16, 2 cores)
+        plan["generate"] = r.generate.tokens / 600 + 15
     if r.correction.enabled:
-        plan["correct-teacher"] = 5e-3 * r.correction.planned_tokens() + 20
-    plan["importance"] = 2.5e-3 * r.importance.samples * r.importance.seq_len + 20
+        plan["correct-teacher"] = 2.6e-3 * r.correction.planned_tokens() + 12
+    plan["importance"] = 1e-3 * r.importance.samples * r.importance.seq_len + 8
     task_metrics = {t.depth_metric for t in r.students.values() if t.num_layers and t.depth_metric.startswith("task:")}
     # SmolLM2, 12 candidate blocks: 88 s for 256 winowhy examples in the job; longer prompts and more blocks cost more
     plan["importance"] += 0.6 * r.importance.task_samples * len(task_metrics)
     for name in r.students:
-        plan[f"prune/{name}"] = 10.0
+        plan[f"prune/{name}"] = 2.0
     cached = r.distill.teacher_cache
     if cached:
-        plan["teacher-cache"] = 1.2e-3 * r.distill.planned_tokens() + 10
-    for name in r.students:
-        plan[f"distill/{name}"] = (3e-3 if cached else 4.5e-3) * r.distill.planned_tokens() + 20
+        plan["teacher-cache"] = 0.8e-3 * r.distill.planned_tokens() + 8
+    for name in r.students:  # measured 2.2e-3 (width, 30 layers) and 1.4e-3 s/token (depth, 11 layers)
+        plan[f"distill/{name}"] = (1.8e-3 if cached else 3e-3) * r.distill.planned_tokens() + 10
     task_examples = len(r.evaluate.tasks) * (r.evaluate.task_limit or 300)
+    perplexity_sets = 2 if r.evaluate.general is not None else 1
     for name in model_names(r):
-        plan[f"eval/{name}"] = 1e-3 * r.evaluate.samples * r.evaluate.seq_len + 0.12 * task_examples + 10
+        tokens = perplexity_sets * r.evaluate.samples * r.evaluate.seq_len
+        plan[f"eval/{name}"] = 1e-3 * tokens + 0.06 * task_examples + 5
     points = len(r.sweep.shapes) * len(r.sweep.batch_sizes) * r.sweep.repeats
     for name in engine_models(r):
         for precision in r.engines.precisions:
-            plan[f"engine/{name}-{precision}"] = 25.0
-            plan[f"sweep/{name}-{precision}"] = 12.0 * points
+            plan[f"engine/{name}-{precision}"] = 16.0
+            plan[f"sweep/{name}-{precision}"] = 7.0 * points
     return plan
 
 
