@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 BASE = {"student": "width", "lr": 1e-4, "min_lr": 1e-5, "data": "python-docs", "precision": "fp32", "tokens": 24576}
+"""The main job's recipe before this ablation (recipes/smollm2-minitron.yaml, budget small)."""
 DEFAULTS = {"batch_size": 4, "temperature": 1.0, "loss": "logit"}
 """Settings rows vary that the first rows did not: left out of a row's key when at these values, so the rows
 measured before them keep their keys."""
-"""The main job's recipe before this ablation (recipes/smollm2-minitron.yaml, budget small)."""
 
 ROWS = {  # group: [(label, changes to BASE)]
     "precision": [("fp32 (base)", {}), ("bf16 autocast", {"precision": "bf16"})],
