@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from compactlm.compress.arch import ATTN_O, MLP_DOWN, decoder_layers, shape_of
+from compactlm.compress.arch import ATTN_O, MLP_DOWN, decoder_layers, family_of, shape_of
 from compactlm.compress.depth import BlockInfluence, removal_losses, task_removals
 from compactlm.compress.tasks import choice_batches, load_task
 from compactlm.core.errors import CompactLMError
@@ -198,9 +198,12 @@ class _Accumulator:
 
 
 def _norm_modules(model) -> list[torch.nn.Module]:
+    """Every [hidden] norm of the model (each layer's, per its family, then the final one): embedding-channel
+    importance is the aggregate of their outputs."""
+    names = family_of(model.config).norms
     norms = []
     for layer in decoder_layers(model):
-        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [getattr(layer, name) for name in names]
     norms.append(model.model.norm)
     return norms
 

@@ -5,8 +5,9 @@ neurons, and the hidden (embedding) size. The result is a plain model of the sam
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -14,11 +15,13 @@ from compactlm.compress.arch import (
     ATTN_K,
     ATTN_O,
     ATTN_Q,
+    ATTN_QKV,
     ATTN_V,
     MLP_DOWN,
     MLP_GATE,
+    MLP_GATE_UP,
     MLP_UP,
-    NORMS,
+    Family,
     ModelShape,
     count_params,
     family_of,
@@ -161,19 +164,13 @@ def plan(config, target: PruneTarget) -> tuple[ModelShape, dict]:
     if getattr(config, "layer_types", None):
         new_config["layer_types"] = list(config.layer_types[:layers])  # the kept layers' own types: see prune()
     validate_config(new_config, type(config))
-    new_shape = ModelShape(
+    new_shape = replace(
+        old,
         num_layers=layers,
         hidden_size=hidden,
         ffn_hidden_size=ffn,
         num_attention_heads=heads,
         num_query_groups=groups,
-        head_dim=old.head_dim,
-        vocab_size=old.vocab_size,
-        tied_embeddings=old.tied_embeddings,
-        qkv_bias=old.qkv_bias,
-        o_bias=old.o_bias,
-        mlp_bias=old.mlp_bias,
-        qk_norm=old.qk_norm,
     )
     return new_shape, new_config
 
@@ -248,29 +245,61 @@ def _rows(head_indices: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (head_indices[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def slice_state_dict(state: dict[str, torch.Tensor], kept: KeptIndices, head_dim: int) -> dict[str, torch.Tensor]:
-    """The parent's weights restricted to the kept units, renumbered to the kept layers."""
-    hid = kept.hidden
-    out: dict[str, torch.Tensor] = {}
-    layer_rules = {
-        f"{ATTN_Q}.weight": lambda w, q, kv, m: w[q][:, hid],
-        f"{ATTN_Q}.bias": lambda w, q, kv, m: w[q],
-        f"{ATTN_K}.weight": lambda w, q, kv, m: w[kv][:, hid],
-        f"{ATTN_K}.bias": lambda w, q, kv, m: w[kv],
-        f"{ATTN_V}.weight": lambda w, q, kv, m: w[kv][:, hid],
-        f"{ATTN_V}.bias": lambda w, q, kv, m: w[kv],
+def _layer_rules(family: Family, old: ModelShape, hid: torch.Tensor) -> dict:
+    """Parameter name (relative to `model.layers.{i}.`) -> how to slice it, given the layer's kept query rows `q`,
+    KV rows `kv` and MLP neurons `m`."""
+    q_rows, kv_rows = old.num_attention_heads * old.head_dim, old.num_query_groups * old.head_dim
+    f = old.ffn_hidden_size
+    rules = {
         f"{ATTN_O}.weight": lambda w, q, kv, m: w[hid][:, q],
         f"{ATTN_O}.bias": lambda w, q, kv, m: w[hid],
-        f"{MLP_GATE}.weight": lambda w, q, kv, m: w[m][:, hid],
-        f"{MLP_GATE}.bias": lambda w, q, kv, m: w[m],
-        f"{MLP_UP}.weight": lambda w, q, kv, m: w[m][:, hid],
-        f"{MLP_UP}.bias": lambda w, q, kv, m: w[m],
         f"{MLP_DOWN}.weight": lambda w, q, kv, m: w[hid][:, m],
         f"{MLP_DOWN}.bias": lambda w, q, kv, m: w[hid],
-        "self_attn.q_norm.weight": lambda w, q, kv, m: w,  # per head_dim: head_dim is kept
-        "self_attn.k_norm.weight": lambda w, q, kv, m: w,
-    } | {f"{norm}.weight": (lambda w, q, kv, m: w[hid]) for norm in NORMS}
+    } | {f"{norm}.weight": (lambda w, q, kv, m: w[hid]) for norm in family.norms}
+    if family.fused:  # [q; k; v] and [gate; up] rows in one matrix each
+        rules |= {
+            f"{ATTN_QKV}.weight": lambda w, q, kv, m: w[torch.cat([q, q_rows + kv, q_rows + kv_rows + kv])][:, hid],
+            f"{MLP_GATE_UP}.weight": lambda w, q, kv, m: w[torch.cat([m, f + m])][:, hid],
+        }
+    else:
+        rules |= {
+            f"{ATTN_Q}.weight": lambda w, q, kv, m: w[q][:, hid],
+            f"{ATTN_Q}.bias": lambda w, q, kv, m: w[q],
+            f"{ATTN_K}.weight": lambda w, q, kv, m: w[kv][:, hid],
+            f"{ATTN_K}.bias": lambda w, q, kv, m: w[kv],
+            f"{ATTN_V}.weight": lambda w, q, kv, m: w[kv][:, hid],
+            f"{ATTN_V}.bias": lambda w, q, kv, m: w[kv],
+            f"{MLP_GATE}.weight": lambda w, q, kv, m: w[m][:, hid],
+            f"{MLP_GATE}.bias": lambda w, q, kv, m: w[m],
+            f"{MLP_UP}.weight": lambda w, q, kv, m: w[m][:, hid],
+            f"{MLP_UP}.bias": lambda w, q, kv, m: w[m],
+        }
+    if family.qk_norm == "head":  # per head_dim: head_dim is kept
+        rules |= {"self_attn.q_norm.weight": lambda w, q, kv, m: w, "self_attn.k_norm.weight": lambda w, q, kv, m: w}
+    elif family.qk_norm == "full":  # over all heads' rows: the kept heads' entries
+        rules |= {
+            "self_attn.q_norm.weight": lambda w, q, kv, m: w[q],
+            "self_attn.k_norm.weight": lambda w, q, kv, m: w[kv],
+        }
+    return rules
+
+
+def slice_state_dict(
+    state: dict[str, torch.Tensor], kept: KeptIndices, family: Family, old: ModelShape
+) -> dict[str, torch.Tensor]:
+    """The parent's weights restricted to the kept units, renumbered to the kept layers.
+
+    Gemma scales its embeddings by sqrt(hidden_size): a hidden cut from d to d' scales the kept embedding columns
+    by sqrt(d / d'), so that what enters the residual stream is unchanged; with tied embeddings the LM head reads
+    the same matrix, so the final norm's scale takes the inverse factor and the logits of a given final hidden state
+    are unchanged too.
+    """
+    hid = kept.hidden
+    head_dim = old.head_dim
+    layer_rules = _layer_rules(family, old, hid)
+    embed_factor = math.sqrt(old.hidden_size / len(hid)) if family.embed_scale else 1.0
     new_index = {old: new for new, old in enumerate(kept.layers.tolist())}
+    out: dict[str, torch.Tensor] = {}
     for name, weight in state.items():
         if name.startswith("model.layers."):
             old_layer, rest = name[len("model.layers.") :].split(".", 1)
@@ -282,10 +311,15 @@ def slice_state_dict(state: dict[str, torch.Tensor], kept: KeptIndices, head_dim
             q = _rows(kept.heads[j], head_dim)
             kv = _rows(kept.groups[j], head_dim)
             out[f"model.layers.{j}.{rest}"] = layer_rules[rest](weight, q, kv, kept.mlp[j]).contiguous()
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            out[name] = weight[:, hid].contiguous()
+        elif name == "model.embed_tokens.weight":
+            out[name] = (weight[:, hid] * embed_factor).contiguous()
+        elif name == "lm_head.weight":  # tied: the embedding matrix itself, scaled alike
+            out[name] = (weight[:, hid] * (embed_factor if old.tied_embeddings else 1.0)).contiguous()
         elif name == "model.norm.weight":
             out[name] = weight[hid].contiguous()
+            if embed_factor != 1.0 and old.tied_embeddings:
+                offset = family.norm_offset
+                out[name] = ((out[name].float() + offset) / embed_factor - offset).to(weight.dtype)
         else:
             raise CompactLMError(f"do not know how to prune parameter {name!r} (an unsupported model variant)")
     return out
@@ -306,7 +340,7 @@ def prune(model, scores: ImportanceScores, target: PruneTarget):
     kept = select(scores, config, new_shape, target)
     if getattr(config, "layer_types", None):
         new_config["layer_types"] = [config.layer_types[i] for i in kept.layers.tolist()]
-    state = slice_state_dict(model.state_dict(), kept, new_shape.head_dim)
+    state = slice_state_dict(model.state_dict(), kept, family_of(config), shape_of(config))
     student_config = type(config)(**new_config)
     from transformers.initialization import no_init_weights
 

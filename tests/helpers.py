@@ -15,7 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from compactlm.serve.protocol import (
     TRITON_FINAL,
@@ -36,12 +47,40 @@ CONFIGS = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "granite": GraniteConfig,
+    "olmo2": Olmo2Config,
+    "phi3": Phi3Config,
+    "gemma2": Gemma2Config,
+    "gemma3_text": Gemma3TextConfig,
 }
+ARCHITECTURES = {"gemma3_text": "Gemma3ForCausalLM"}
+"""Where the class name is not the config's name with ForCausalLM."""
+
+
+def _quirks(family: str, layers: int) -> dict:
+    """Each family's own features switched on, so that the tests exercise them: Granite's multipliers, Gemma's
+    sliding/full layer pattern with a window shorter than the test sequences, soft-capping and its attention scalar,
+    Phi-3's special tokens inside the tiny vocabulary."""
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return {
+        "granite": dict(
+            embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0
+        ),
+        "phi3": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        "gemma2": dict(
+            sliding_window=8,
+            layer_types=alternating,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+        "gemma3_text": dict(sliding_window=8, layer_types=alternating, query_pre_attn_scalar=16),
+    }.get(family, {})
 
 
 def tiny_config(family: str = "llama", **overrides):
     """2-4 layers, hidden 48, 6 heads in 3 KV groups with head_dim 16 (hidden != heads*head_dim... on purpose
-    where allowed), vocab 256."""
+    where allowed), vocab 256, and the family's quirks on (`_quirks`)."""
     kwargs = dict(
         vocab_size=256,
         hidden_size=48,
@@ -54,9 +93,10 @@ def tiny_config(family: str = "llama", **overrides):
         tie_word_embeddings=True,
         rms_norm_eps=1e-6,
     )
+    kwargs.update(_quirks(family, overrides.get("num_hidden_layers", 4)))
     kwargs.update(overrides)
     config = CONFIGS[family](**kwargs)
-    config.architectures = [f"{CONFIGS[family].__name__.removesuffix('Config')}ForCausalLM"]
+    config.architectures = [ARCHITECTURES.get(family, f"{CONFIGS[family].__name__.removesuffix('Config')}ForCausalLM")]
     return config
 
 
@@ -88,7 +128,13 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int
     return out
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = tuple(CONFIGS)
+FUSED = ("phi3",)
+"""Families with one qkv_proj and one gate_up_proj per layer."""
+GEMMA = ("gemma2", "gemma3_text")
+FULL_QK_NORM = ("olmo2",)
+"""q/k norms over all heads' projections: dropping a head changes the others' normalization, so head pruning is
+never exact there."""
 
 ATOL = 1e-5
 """Removing a unit that contributes exactly zero changes only the order of float sums."""
@@ -101,10 +147,21 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def expected_state_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every parameter a model of this config must have, with its shape (derived here, not by the library)."""
+    family = config.model_type
     d, f = config.hidden_size, config.intermediate_size
     h, g, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    attention_bias = bool(getattr(config, "attention_bias", False))  # Llama/Qwen3: q/k/v/o biases
-    qkv_bias = config.model_type == "qwen2" or attention_bias  # Qwen2: q/k/v only, always
+    attention_bias = bool(getattr(config, "attention_bias", False))  # Llama/Qwen3/Granite/OLMo 2/Gemma: q/k/v/o
+    qkv_bias = family == "qwen2" or attention_bias  # Qwen2: q/k/v only, always
+    norms = {
+        "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+        "gemma2": (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+    }
+    norms["gemma3_text"] = norms["gemma2"]
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (config.vocab_size, d),
         "model.norm.weight": (d,),
@@ -112,16 +169,22 @@ def expected_state_shapes(config) -> dict[str, tuple[int, ...]]:
     }
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
+        if family in FUSED:
+            shapes |= {
+                p + "self_attn.qkv_proj.weight": ((h + 2 * g) * hd, d),
+                p + "mlp.gate_up_proj.weight": (2 * f, d),
+            }
+        else:
+            shapes |= {
+                p + "self_attn.q_proj.weight": (h * hd, d),
+                p + "self_attn.k_proj.weight": (g * hd, d),
+                p + "self_attn.v_proj.weight": (g * hd, d),
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+            }
+        shapes |= {p + "self_attn.o_proj.weight": (d, h * hd), p + "mlp.down_proj.weight": (d, f)}
         shapes |= {
-            p + "self_attn.q_proj.weight": (h * hd, d),
-            p + "self_attn.k_proj.weight": (g * hd, d),
-            p + "self_attn.v_proj.weight": (g * hd, d),
-            p + "self_attn.o_proj.weight": (d, h * hd),
-            p + "mlp.gate_proj.weight": (f, d),
-            p + "mlp.up_proj.weight": (f, d),
-            p + "mlp.down_proj.weight": (d, f),
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
+            p + f"{norm}.weight": (d,) for norm in norms.get(family, ("input_layernorm", "post_attention_layernorm"))
         }
         if qkv_bias:
             shapes |= {
@@ -137,9 +200,33 @@ def expected_state_shapes(config) -> dict[str, tuple[int, ...]]:
                 p + "mlp.up_proj.bias": (f,),
                 p + "mlp.down_proj.bias": (d,),
             }
-        if config.model_type == "qwen3":
+        if family in ("qwen3", "gemma3_text"):
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        if family in FULL_QK_NORM:
+            shapes |= {p + "self_attn.q_norm.weight": (h * hd,), p + "self_attn.k_norm.weight": (g * hd,)}
     return shapes
+
+
+def value_rows(layer, group: int, head_dim: int) -> tuple[torch.nn.Linear, slice]:
+    """The projection that holds KV group `group`'s value rows in a decoder `layer`, and those rows."""
+    attn = layer.self_attn
+    if hasattr(attn, "qkv_proj"):  # [q; k; v]
+        q_rows = attn.o_proj.in_features
+        kv_rows = (attn.qkv_proj.out_features - q_rows) // 2
+        start = q_rows + kv_rows + group * head_dim
+        return attn.qkv_proj, slice(start, start + head_dim)
+    return attn.v_proj, head_cols(group, head_dim)
+
+
+def zero_neurons(layer, neurons: list[int]) -> None:
+    """Zero the gate and up rows of MLP `neurons` in a decoder `layer` (separate or fused [gate; up])."""
+    mlp = layer.mlp
+    if hasattr(mlp, "gate_up_proj"):
+        f = mlp.down_proj.in_features
+        mlp.gate_up_proj.weight[[*neurons, *(f + n for n in neurons)]] = 0
+    else:
+        mlp.gate_proj.weight[neurons] = 0
+        mlp.up_proj.weight[neurons] = 0
 
 
 def state_shapes(model) -> dict[str, tuple[int, ...]]:

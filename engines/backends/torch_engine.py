@@ -203,7 +203,10 @@ class TorchEngine(Engine):
         # Stopping is ours (the streamer and _Done): with the model's EOS left in, generate would pad a row after
         # EOS even when the request ignores EOS.
         self.model.generation_config.eos_token_id = None
-        self.pad_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        # Padding is masked, so any id the embedding has will do: an EOS id the vocabulary lacks (tiny and
+        # re-vocabularied checkpoints keep their family's default) would fail the embedding lookup.
+        vocab = self.model.get_input_embeddings().num_embeddings
+        self.pad_id = next((i for i in self.eos_token_ids if 0 <= i < vocab), 0)
         self.kv_positions = 0
         """Positions the running batch's KV cache holds now (rows x current length, left padding included)."""
 

@@ -67,6 +67,9 @@ class TrtllmEngineBackend(Backend):
         shared.require_modelopt("the trtllm-engine backend's checkpoint export")
 
     def check_model(self, model_config, config: BuildConfig) -> None:
+        from compactlm.engines.backends.trtllm.checkpoint import DECODER_TYPES
+
+        shared.check_family(model_config, tuple(DECODER_TYPES), "legacy TensorRT-LLM checkpoint export")
         shared.check_model(model_config, config)
 
     def build(self, checkpoint: Checkpoint, out: Path, config: BuildConfig) -> dict:

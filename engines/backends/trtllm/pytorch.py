@@ -58,6 +58,7 @@ class TrtllmBackend(Backend):
             shared.require_modelopt(f"{config.precision} calibration and the unified checkpoint export")
 
     def check_model(self, model_config, config: BuildConfig) -> None:
+        shared.check_family(model_config, shared.PYTORCH_FAMILIES, "current TensorRT-LLM (PyTorch backend)")
         shared.check_model(model_config, config)
         if config.precision == "int4-awq":
             from compactlm.compress.arch import shape_of

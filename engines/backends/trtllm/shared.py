@@ -62,6 +62,24 @@ def sliding_window(model_config) -> int | None:
     return int(window) if window else None
 
 
+PYTORCH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma3_text")
+"""The families compactlm prunes whose HF architecture the current (PyTorch-backend) TensorRT-LLM lists among its
+supported models (LlamaForCausalLM, MistralForCausalLM, Qwen2/Qwen3ForCausalLM, GraniteForCausalLM,
+Phi3ForCausalLM, Gemma3ForCausalLM); Gemma 2 and OLMo 2 are not on that list."""
+
+
+def check_family(model_config, supported: tuple[str, ...], flow: str) -> None:
+    """One line naming the families a TensorRT-LLM flow takes, for a model of another family."""
+    from compactlm.compress.arch import family_of
+
+    family = family_of(model_config).model_type
+    if family not in supported:
+        raise CompactLMError(
+            f"the {flow} does not run {family} models; it takes {', '.join(supported)} (serve {family} on the "
+            f"cpu or torch backend)"
+        )
+
+
 def check_model(model_config, config: BuildConfig, fp8_precisions=("fp8",)) -> None:
     """Refuse, before any work, a model TensorRT-LLM cannot run at these settings: tensor parallelism that does not
     split the heads or the MLP, an unsupported RoPE, a sliding window shorter than the engine's sequences, FP8

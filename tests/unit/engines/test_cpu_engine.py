@@ -12,6 +12,7 @@ import torch
 
 from compactlm.core.errors import CompactLMError
 from compactlm.engines import BuildConfig, Limits, Request, build_engine, load_engine, read_manifest
+from compactlm.engines.backends.openvino.engine import NOT_EXPORTED
 from compactlm.engines.backends.openvino.export import is_ready
 from tests.helpers import cli, english_docs, hf_greedy, random_tokens, save_word_tokenizer, tiny_model
 
@@ -104,6 +105,33 @@ def test_qwen3_student_with_biases_and_qk_norm_matches(tmp_path):
     with load_engine(out) as engine:
         got = [c.tokens for c in engine.generate(prompts, 16, ignore_eos=True)]
     assert got == hf_greedy(model, prompts, 16)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "granite", "olmo2", "phi3", "gemma2", "gemma3_text"])
+def test_a_pruned_student_of_each_family_matches_transformers_on_both_engines(family, tmp_path):
+    """Each family's quirks on (Gemma's sliding window of 8 tokens inside these prompts, soft-capping, Granite's
+    multipliers, Phi-3's fused projections, OLMo 2's post-norms), cut in width, heads and depth by compactlm."""
+    from compactlm.compress.checkpoint import save_checkpoint
+    from compactlm.compress.importance import random_scores
+    from compactlm.compress.prune import PruneTarget, prune
+
+    teacher = tiny_model(family).eval()
+    target = PruneTarget(hidden_size=36, ffn_hidden_size=64, num_query_groups=2, drop_layers=(1,))
+    student, record, _ = prune(teacher, random_scores(teacher.config, seed=4), target)
+    ckpt = save_checkpoint(student, tmp_path / "ckpt", source=None, operation=record)
+    prompts = prompts_of(seed=3)[:4]
+    expected = hf_greedy(student, prompts, 16)
+    backends = ("torch",) if family in NOT_EXPORTED else ("cpu", "torch")
+    for backend in backends:
+        out = build_engine(ckpt, tmp_path / backend, BuildConfig(backend=backend, limits=LIMITS))
+        with load_engine(out) as engine:
+            completions = engine.generate(prompts, 16, ignore_eos=True)
+        assert [c.error for c in completions] == [None] * len(prompts), backend
+        assert [c.tokens for c in completions] == expected, backend
+    if family in NOT_EXPORTED:  # refused in one line, before any work
+        with pytest.raises(CompactLMError, match=f"the cpu backend cannot build {family} models yet"):
+            build_engine(ckpt, tmp_path / "cpu", BuildConfig(backend="cpu", limits=LIMITS))
+        assert not (tmp_path / "cpu").exists()
 
 
 def test_int4_engine_is_smaller_and_generates(tiny, tmp_path):

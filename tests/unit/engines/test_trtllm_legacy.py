@@ -338,3 +338,18 @@ def test_engine_streams_requests_through_the_llm_api(tiny_dir, tmp_path, monkeyp
     assert (params.ignore_eos, params.end_id, params.max_tokens) == (True, 2, 5)
     assert unfinished.result(timeout=5).finish_reason == "cancelled" and len(unfinished.tokens) < 60
     assert llm.results[-1].aborted and llm.closed
+
+
+def test_each_flow_names_the_families_it_runs_before_any_work():
+    from compactlm.engines.backends.trtllm.pytorch import TrtllmBackend
+
+    big = Limits(4, 16, 32, 64)
+    current, legacy = TrtllmBackend(), TrtllmEngineBackend()
+    for family in ("gemma2", "olmo2"):
+        with pytest.raises(CompactLMError, match=f"does not run {family} models; it takes llama, mistral"):
+            current.check_model(tiny_config(family), BuildConfig(backend="trtllm", limits=big))
+    for family in ("gemma3_text", "phi3", "granite", "olmo2"):
+        with pytest.raises(CompactLMError, match=f"legacy TensorRT-LLM checkpoint export does not run {family}"):
+            legacy.check_model(tiny_config(family), BuildConfig(backend="trtllm-engine", limits=big))
+    for family in ("phi3", "granite"):  # on the current flow's list: the other checks run, and pass
+        current.check_model(tiny_config(family), BuildConfig(backend="trtllm", limits=big))
