@@ -7,7 +7,7 @@ validates a proposed config against the config class the checkpoint will be load
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from compactlm.core.errors import CompactLMError
 
@@ -108,6 +108,12 @@ class ModelShape:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def recorded_shape(record: dict) -> ModelShape:
+    """A shape as a record wrote it: fields added since then take their defaults, fields unknown here are ignored."""
+    known = {f.name for f in fields(ModelShape)}
+    return ModelShape(**{k: v for k, v in record.items() if k in known})
 
 
 def head_dim_of(config) -> int:

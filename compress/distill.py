@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compactlm.compress.arch import decoder_layers, shape_of
+from compactlm.compress.arch import decoder_layers, recorded_shape, shape_of
 from compactlm.compress.losses import cross_entropy, hidden_state, kd_logits, kd_topk
 from compactlm.compress.record import read_record
 from compactlm.compress.train import Batch
@@ -60,7 +60,7 @@ def lineage(student_path, teacher_config, student_config) -> Lineage:
         return Lineage(layers=list(range(student.num_layers)), hidden=None)
     record = read_record(student_path) if student_path else None
     prunes = [op for op in (record or {}).get("history", []) if op.get("op") == "prune"]
-    if not prunes or prunes[-1]["from_shape"] != teacher.as_dict():
+    if not prunes or recorded_shape(prunes[-1]["from_shape"]) != teacher:
         raise CompactLMError(
             "a hidden-state loss needs to know which teacher layer and channel each student layer and channel "
             "came from, but the student was not pruned by compactlm from a model of the teacher's shape "

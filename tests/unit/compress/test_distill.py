@@ -272,6 +272,20 @@ def test_a_student_pruned_from_another_parent_shape_is_refused(teacher_on_disk, 
         lineage(out, other_teacher, student_config)
 
 
+def test_a_prune_record_written_before_newer_shape_fields_still_maps(teacher_on_disk, tmp_path):
+    """Records from before qk_norm_full / norms_per_layer existed lack them: they read as the defaults."""
+    out = tmp_path / "student"
+    target = PruneTarget(hidden_size=36, drop_layers=(1,))
+    prune_checkpoint(teacher_on_disk, out, target, scores=_scores(teacher_on_disk))
+    path = out / "compactlm.json"
+    record = json.loads(path.read_text())
+    for key in ("qk_norm_full", "norms_per_layer"):
+        del record["history"][-1]["from_shape"][key]
+    path.write_text(json.dumps(record))
+    got = lineage(out, teacher_on_disk.config, load_model(out).config)
+    assert got.layers == [0, 2, 3] and got.hidden is not None and len(got.hidden) == 36
+
+
 def test_teacher_and_student_must_share_the_vocabulary_and_tokenizer(tmp_path):
     with pytest.raises(CompactLMError, match="different vocabularies \\(256 vs 128 tokens\\)"):
         check_compatible(tiny_config(), tiny_config(vocab_size=128))
