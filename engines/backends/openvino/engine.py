@@ -42,7 +42,7 @@ PRECISIONS = {
 KV_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
 NOT_EXPORTED = ("gemma2", "gemma3_text")
 """Families the pinned exporter refuses: optimum-intel 2.2's Gemma 2 / Gemma 3 configs allow transformers <= 5.0,
-and the exporter venv runs 5.5.4 (the oldest optimum-intel 2.2 takes); the torch backend runs them."""
+and the exporter venv pins 5.5.4 (export.py REQUIREMENTS); the torch backend runs them."""
 FUSED_BY_DEFAULT = ("int8", "int4")
 """Weight formats whose q/k/v matmuls are fused unless BuildConfig.fuse_qkv says otherwise.
 compactlm.bench.perf.cpu_engine, SmolLM2-135M, fused vs stock at batch 1 / 32: int8 +7.2% / -0.5%, int4 +10.0% /
