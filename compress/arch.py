@@ -1,5 +1,6 @@
 """One adapter over the Llama-shaped decoder families (Llama incl. SmolLM2, Mistral, Qwen2, Qwen3, Granite, OLMo 2,
-Phi-3, Gemma 2, Gemma 3 text): what differs between them is data in a `Family`, not code paths.
+Phi-3, Gemma 2, Gemma 3 text) and the mixtures of experts built on the same block (Mixtral, Qwen2-MoE, Qwen3-MoE):
+what differs between them is data in a `Family`, not code paths.
 
 It names the parameters that pruning slices, describes a model's shape, counts parameters analytically, and
 validates a proposed config against the config class the checkpoint will be loaded with.
@@ -37,6 +38,12 @@ class Family:
     """Gemma: the embeddings enter the residual stream times sqrt(hidden_size), so a hidden cut rescales them."""
     norm_offset: float = 0.0
     """Gemma's RMSNorm multiplies by (1 + weight), the others by weight."""
+    experts_key: str | None = None
+    """Mixture of experts: the config key of the number of routed experts (None: a dense model)."""
+    expert_ffn_key: str | None = None
+    """The config key of each expert's FFN width (Mixtral's is `intermediate_size`: it has no dense MLP at all)."""
+    shared_expert: bool = False
+    """Qwen2-MoE: one always-on expert per MoE layer (`mlp.shared_expert`, an MLP) behind a sigmoid gate."""
 
     def has(self, bias: str, config) -> bool:
         value = getattr(self, bias)
@@ -72,6 +79,27 @@ FAMILIES: dict[str, Family] = {
         embed_scale=True,
         norm_offset=1.0,
     ),
+    "mixtral": Family(
+        "mixtral", False, False, False, experts_key="num_local_experts", expert_ffn_key="intermediate_size"
+    ),
+    "qwen2_moe": Family(
+        "qwen2_moe",
+        "qkv_bias",
+        False,
+        False,
+        experts_key="num_experts",
+        expert_ffn_key="moe_intermediate_size",
+        shared_expert=True,
+    ),
+    "qwen3_moe": Family(
+        "qwen3_moe",
+        "attention_bias",
+        "attention_bias",
+        False,
+        qk_norm="head",
+        experts_key="num_experts",
+        expert_ffn_key="moe_intermediate_size",
+    ),
 }
 
 
@@ -81,7 +109,8 @@ def family_of(config) -> Family:
     if model_type not in FAMILIES:
         raise CompactLMError(
             f"unsupported architecture {model_type!r}: compactlm prunes decoder-only models of the "
-            f"families {', '.join(FAMILIES)} (Llama-shaped blocks: q/k/v/o projections, gated MLP, RMSNorm)"
+            f"families {', '.join(FAMILIES)} (Llama-shaped blocks: q/k/v/o projections, gated MLP or routed "
+            f"experts, RMSNorm)"
         )
     return FAMILIES[model_type]
 
@@ -105,6 +134,16 @@ class ModelShape:
     qk_norm_full: bool = False
     """OLMo 2's q/k norms span all heads ([heads * head_dim], [groups * head_dim]) instead of one head."""
     norms_per_layer: int = 2
+    num_experts: int = 0
+    """Routed experts per MoE layer (0: a dense model)."""
+    experts_per_token: int = 0
+    """The router's top-k."""
+    moe_ffn_hidden_size: int = 0
+    """Each routed expert's FFN width (uniform across experts)."""
+    shared_expert_ffn_hidden_size: int = 0
+    """The shared expert's FFN width (Qwen2-MoE), 0 where there is none."""
+    moe_layers: int = 0
+    """How many layers route to experts; the other `num_layers - moe_layers` have a dense MLP of `ffn_hidden_size`."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -121,12 +160,25 @@ def head_dim_of(config) -> int:
     return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
+def moe_layer_indices(config) -> tuple[int, ...]:
+    """The layers that route to experts, by the rule the MoE config classes use (every `decoder_sparse_step`-th layer
+    not in `mlp_only_layers`; all of them for Mixtral)."""
+    family = family_of(config)
+    if family.experts_key is None or not getattr(config, family.experts_key, 0):
+        return ()
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    return tuple(i for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+
+
 def shape_of(config) -> ModelShape:
     family = family_of(config)
+    moe = family.experts_key is not None
+    mixtral_like = family.expert_ffn_key == "intermediate_size"  # its intermediate_size is the experts' width
     return ModelShape(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
-        ffn_hidden_size=config.intermediate_size,
+        ffn_hidden_size=0 if mixtral_like else config.intermediate_size,
         num_attention_heads=config.num_attention_heads,
         num_query_groups=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         head_dim=head_dim_of(config),
@@ -138,6 +190,11 @@ def shape_of(config) -> ModelShape:
         qk_norm=family.qk_norm is not None,
         qk_norm_full=family.qk_norm == "full",
         norms_per_layer=len(family.norms),
+        num_experts=int(getattr(config, family.experts_key)) if moe else 0,
+        experts_per_token=int(config.num_experts_per_tok) if moe else 0,
+        moe_ffn_hidden_size=int(getattr(config, family.expert_ffn_key)) if moe else 0,
+        shared_expert_ffn_hidden_size=int(config.shared_expert_intermediate_size) if family.shared_expert else 0,
+        moe_layers=len(moe_layer_indices(config)),
     )
 
 
@@ -145,17 +202,20 @@ def count_params(shape: ModelShape) -> int:
     """Parameter count of a model of this shape, without building it (matches `sum(p.numel())`)."""
     d, f, hd = shape.hidden_size, shape.ffn_hidden_size, shape.head_dim
     q, kv = shape.num_attention_heads * hd, shape.num_query_groups * hd
-    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + shape.norms_per_layer * d
+    per_layer = d * q + 2 * d * kv + q * d + shape.norms_per_layer * d
     if shape.qkv_bias:
         per_layer += q + 2 * kv
     if shape.o_bias:
         per_layer += d
-    if shape.mlp_bias:
-        per_layer += 2 * f + d
     if shape.qk_norm:
         per_layer += q + kv if shape.qk_norm_full else 2 * hd
+    dense_mlp = 3 * d * f + (2 * f + d if shape.mlp_bias else 0)
+    moe_mlp = shape.num_experts * (3 * d * shape.moe_ffn_hidden_size + d)  # each expert's FFN and its router row
+    if shape.shared_expert_ffn_hidden_size:
+        moe_mlp += 3 * d * shape.shared_expert_ffn_hidden_size + d  # the shared expert and its [1, d] gate
+    mlps = (shape.num_layers - shape.moe_layers) * dense_mlp + shape.moe_layers * moe_mlp
     embeddings = shape.vocab_size * d * (1 if shape.tied_embeddings else 2)
-    return embeddings + shape.num_layers * per_layer + d
+    return embeddings + shape.num_layers * per_layer + mlps + d
 
 
 def decoder_layers(model):
@@ -167,6 +227,12 @@ def decoder_layers(model):
 ATTN_Q, ATTN_K, ATTN_V, ATTN_O = (f"self_attn.{p}_proj" for p in "qkvo")
 MLP_GATE, MLP_UP, MLP_DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
 ATTN_QKV, MLP_GATE_UP = "self_attn.qkv_proj", "mlp.gate_up_proj"  # Phi-3's fused projections
+# Mixture of experts, as transformers holds them in memory (its checkpoints on disk keep one tensor per expert; it
+# converts on load and back on save): the router's [experts, hidden] weight, each expert's [gate; up] rows stacked
+# [experts, 2 * ffn, hidden] and down projection [experts, hidden, ffn]; Qwen2-MoE's shared expert and its gate.
+MOE_ROUTER, MOE_EXPERTS = "mlp.gate", "mlp.experts"
+MOE_GATE_UP, MOE_DOWN = f"{MOE_EXPERTS}.gate_up_proj", f"{MOE_EXPERTS}.down_proj"
+SHARED, SHARED_GATE = "mlp.shared_expert", "mlp.shared_expert_gate"
 
 
 def validate_config(config_dict: dict, config_class) -> None:

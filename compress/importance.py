@@ -5,6 +5,9 @@ Scored at once, per the paper:
 - attention heads: the L2 norm over head_dim of each head's attention output (input of o_proj); a KV group's
   score is the sum of its heads';
 - embedding channels: |RMSNorm outputs|, summed over every norm of the model;
+- mixture of experts: each routed expert by the router's probability mass, how often it is picked, and the norm of
+  what it adds to the residual stream (routing weight x |expert output|); each expert's FFN neurons (and the shared
+  expert's) by their intermediate activations over the tokens routed to it, like a dense MLP's;
 - depth: Block Influence of layers and blocks, and (extra passes) LM loss, or accuracy on a multiple-choice task,
   with each layer or block removed.
 
@@ -24,13 +27,31 @@ from pathlib import Path
 
 import torch
 
-from compactlm.compress.arch import ATTN_O, MLP_DOWN, decoder_layers, family_of, shape_of
+from compactlm.compress.arch import (
+    ATTN_O,
+    MLP_DOWN,
+    MOE_EXPERTS,
+    MOE_ROUTER,
+    SHARED,
+    decoder_layers,
+    family_of,
+    moe_layer_indices,
+    shape_of,
+)
 from compactlm.compress.depth import BlockInfluence, removal_losses, task_removals
 from compactlm.compress.tasks import choice_batches, load_task
 from compactlm.core.errors import CompactLMError
 from compactlm.core.io import atomic_file
 
 AGGREGATIONS = ("mean", "l2", "var")
+EXPERT_METRICS = ("contribution", "router_prob", "frequency", "reap")
+"""How a routed expert is scored (per token of the calibration set; higher is more important):
+- contribution: the mean over all tokens of routing weight x L2 norm of the expert's output (0 where not routed):
+  how much the expert adds to the residual stream;
+- router_prob: the mean router probability (softmax over all experts), the router's own probability mass;
+- frequency: the share of tokens whose top-k includes the expert;
+- reap: the mean of routing weight x output norm over the tokens routed to the expert only (REAP, Lasby et al.
+  2025), which does not reward an expert for being picked often."""
 
 
 @dataclass
@@ -92,6 +113,12 @@ class ImportanceScores:
     task_removal: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     """task -> block size k -> [layers - k + 1, 2]: (accuracy, margin) on the task with layers [i, i+k) removed;
     the base model's are in meta["task_base"]."""
+    experts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Mixture of experts: metric (EXPERT_METRICS) -> [layers, experts]; rows of dense layers are zero."""
+    expert_mlp: torch.Tensor | None = None
+    """[layers, experts, expert ffn]: each routed expert's FFN neurons."""
+    shared_mlp: torch.Tensor | None = None
+    """[layers, shared expert ffn]: the shared expert's neurons (Qwen2-MoE)."""
     meta: dict = field(default_factory=dict)
 
     def groups(self, num_query_groups: int) -> torch.Tensor:
@@ -106,6 +133,10 @@ class ImportanceScores:
         tensors |= {f"block_influence.{k}": v for k, v in self.block_influence.items()}
         tensors |= {f"removal_loss.{k}": v for k, v in self.removal_loss.items()}
         tensors |= {f"task_removal.{t}.{k}": v for t, table in self.task_removal.items() for k, v in table.items()}
+        tensors |= {f"experts.{metric}": v for metric, v in self.experts.items()}
+        tensors |= {
+            k: v for k, v in (("expert_mlp", self.expert_mlp), ("shared_mlp", self.shared_mlp)) if v is not None
+        }
         meta = dict(self.meta, base_loss=self.base_loss)
         path = Path(path)
         with atomic_file(path) as tmp:
@@ -135,6 +166,9 @@ class ImportanceScores:
             removal_loss=table("removal_loss"),
             base_loss=meta.pop("base_loss", None),
             task_removal=_task_tables(tensors),
+            experts={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("experts.")},
+            expert_mlp=tensors.get("expert_mlp"),
+            shared_mlp=tensors.get("shared_mlp"),
             meta=meta,
         )
 
@@ -146,8 +180,19 @@ class ImportanceScores:
             "heads": (shape.num_layers, shape.num_attention_heads),
             "hidden": (shape.hidden_size,),
         }
+        if shape.num_experts:
+            expected |= {f"experts.{m}": (shape.num_layers, shape.num_experts) for m in EXPERT_METRICS}
+            expected["expert_mlp"] = (shape.num_layers, shape.num_experts, shape.moe_ffn_hidden_size)
+        if shape.shared_expert_ffn_hidden_size:
+            expected["shared_mlp"] = (shape.num_layers, shape.shared_expert_ffn_hidden_size)
         for name, want in expected.items():
-            got = tuple(getattr(self, name).shape)
+            value = self.experts.get(name[8:]) if name.startswith("experts.") else getattr(self, name)
+            if value is None:
+                raise CompactLMError(
+                    f"the importance scores have no {name} scores, which this mixture-of-experts model needs "
+                    f"(scores of {self.meta.get('model', 'another model')}): estimate importance on this model"
+                )
+            got = tuple(value.shape)
             if got != want:
                 raise CompactLMError(
                     f"the importance scores do not match this model: {name} scores have shape {got}, "
@@ -181,6 +226,10 @@ class _Accumulator:
             per_sample = torch.linalg.vector_norm(x, dim=1)
         else:
             per_sample = x.var(dim=1, unbiased=False)
+        self.add_samples(per_sample)
+
+    def add_samples(self, per_sample: torch.Tensor) -> None:
+        """Accumulate [samples, channels] values already reduced over each sample's tokens."""
         per_sample = per_sample.double()
         if self.batch_agg != "l2":
             self.sum += per_sample.sum(dim=0)
@@ -195,6 +244,86 @@ class _Accumulator:
         if self.batch_agg == "l2":
             return self.sumsq.sqrt()
         return (self.sumsq / n - (self.sum / n) ** 2).clamp_min(0.0)
+
+
+class _ExpertStats:
+    """One MoE layer's running statistics: per-expert scores (EXPERT_METRICS) and each expert's FFN neurons, whose
+    activations are reduced over the tokens of a sample routed to the expert (`seq_agg`), then over the samples
+    that routed any token to it (`batch_agg`)."""
+
+    def __init__(self, experts: int, ffn: int, seq_agg: str, batch_agg: str):
+        self.neurons = [_Accumulator(ffn, seq_agg, batch_agg) for _ in range(experts)]
+        self.seq_agg = seq_agg
+        self.prob = torch.zeros(experts, dtype=torch.float64)
+        self.routed = torch.zeros(experts, dtype=torch.float64)
+        self.contribution = torch.zeros(experts, dtype=torch.float64)
+        self.tokens = 0
+        self.seq_len = 1
+
+    def router(self, router, hidden: torch.Tensor) -> None:
+        """The router's probabilities over all experts, from its input (every family: softmax of a linear map)."""
+        logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
+        self.prob += torch.softmax(logits.float(), dim=-1).sum(0).double()
+        self.tokens += logits.shape[0]
+
+    def experts(self, module, hidden: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> None:
+        """What each routed expert computes on its tokens (recomputed from its weights: [gate; up] -> act * up)."""
+        ffn = module.down_proj.shape[-1]
+        for expert in torch.unique(top_index).tolist():
+            if not 0 <= expert < len(self.neurons):
+                continue
+            token, slot = torch.where(top_index == expert)
+            x = hidden[token]
+            gate, up = torch.nn.functional.linear(x, module.gate_up_proj[expert]).split(ffn, dim=-1)
+            act = module.act_fn(gate) * up
+            out_norm = torch.linalg.vector_norm(
+                torch.nn.functional.linear(act, module.down_proj[expert]).float(), dim=-1
+            )
+            weight = top_weight[token, slot].float()
+            self.routed[expert] += len(token)
+            self.contribution[expert] += (weight * out_norm).sum().double()
+            self.neurons[expert].add_samples(self._per_sample(act.abs().float(), token // self.seq_len))
+
+    def _per_sample(self, values: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """[tokens, ffn] -> [samples that have tokens here, ffn], reduced over each sample's tokens by `seq_agg`."""
+        ids, sample = torch.unique(sample, return_inverse=True)
+        count = torch.zeros(len(ids)).index_add_(0, sample, torch.ones(len(sample)))[:, None]
+        total = torch.zeros(len(ids), values.shape[1]).index_add_(0, sample, values)
+        squares = torch.zeros(len(ids), values.shape[1]).index_add_(0, sample, values.pow(2))
+        if self.seq_agg == "mean":
+            return total / count
+        if self.seq_agg == "l2":
+            return squares.sqrt()
+        return (squares / count - (total / count) ** 2).clamp_min(0.0)
+
+    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        tokens = max(self.tokens, 1)
+        scores = {
+            "contribution": self.contribution / tokens,
+            "router_prob": self.prob / tokens,
+            "frequency": self.routed / tokens,
+            "reap": self.contribution / self.routed.clamp_min(1.0),
+        }
+        return scores, torch.stack([n.result() for n in self.neurons])
+
+
+def _hook_experts(layer, stats: _ExpertStats) -> list:
+    """Hooks on one MoE layer: the sequence length (from the block's input), the router, the experts."""
+
+    def block(_m, args):
+        stats.seq_len = args[0].shape[1] if args[0].ndim == 3 else 1
+
+    def experts(module, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
+        stats.experts(module, *(v.detach() for v in values[:3]))
+
+    router = _submodule(layer, MOE_ROUTER)
+    return [
+        layer.mlp.register_forward_pre_hook(block),
+        router.register_forward_pre_hook(lambda m, args: stats.router(m, args[0].detach())),
+        _submodule(layer, MOE_EXPERTS).register_forward_pre_hook(experts, with_kwargs=True),
+    ]
 
 
 def _norm_modules(model) -> list[torch.nn.Module]:
@@ -248,14 +377,24 @@ def estimate_importance(
     norms = _norm_modules(model)
     norm_acc = [_Accumulator(shape.hidden_size, config.seq_agg, config.batch_agg) for _ in norms]
     influence = BlockInfluence(num_layers, config.block_sizes)
+    moe = set(moe_layer_indices(model.config))
+    expert_stats = {
+        i: _ExpertStats(shape.num_experts, shape.moe_ffn_hidden_size, config.seq_agg, config.batch_agg) for i in moe
+    }
+    shared_acc = {i: _Accumulator(shape.shared_expert_ffn_hidden_size, config.seq_agg, config.batch_agg) for i in moe}
+
+    def mlp_hook(acc):
+        return lambda _m, args: acc.update(args[0].detach().abs())
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(
-            _submodule(layer, MLP_DOWN).register_forward_pre_hook(
-                lambda _m, args, acc=mlp_acc[i]: acc.update(args[0].detach().abs())
-            )
-        )
+        if i in moe:
+            handles += _hook_experts(layer, expert_stats[i])
+            if shape.shared_expert_ffn_hidden_size:
+                shared_down = _submodule(layer, f"{SHARED}.down_proj")
+                handles.append(shared_down.register_forward_pre_hook(mlp_hook(shared_acc[i])))
+        else:
+            handles.append(_submodule(layer, MLP_DOWN).register_forward_pre_hook(mlp_hook(mlp_acc[i])))
         handles.append(
             _submodule(layer, ATTN_O).register_forward_pre_hook(
                 lambda _m, args, acc=head_acc[i]: acc.update(
@@ -325,6 +464,18 @@ def estimate_importance(
         shape=shape.as_dict(),
         seconds=round(time.perf_counter() - started, 2),
     )
+    experts, expert_mlp, shared_mlp = {}, None, None
+    if moe:  # [layers, ...] with zero rows for the dense layers
+        experts = {m: torch.zeros(num_layers, shape.num_experts) for m in EXPERT_METRICS}
+        expert_mlp = torch.zeros(num_layers, shape.num_experts, shape.moe_ffn_hidden_size)
+        for i, stats in expert_stats.items():
+            layer_scores, expert_mlp[i] = stats.result()
+            for m, v in layer_scores.items():
+                experts[m][i] = v.float()
+        if shape.shared_expert_ffn_hidden_size:
+            shared_mlp = torch.zeros(num_layers, shape.shared_expert_ffn_hidden_size)
+            for i, acc in shared_acc.items():
+                shared_mlp[i] = acc.result().float()
     return ImportanceScores(
         mlp=torch.stack([a.result() for a in mlp_acc]).float(),
         heads=torch.stack([a.result() for a in head_acc]).float(),
@@ -333,6 +484,9 @@ def estimate_importance(
         removal_loss={k: v.float() for k, v in removal.items()},
         base_loss=base_loss,
         task_removal={t: {k: v.float() for k, v in table.items()} for t, table in task_removal.items()},
+        experts=experts,
+        expert_mlp=expert_mlp,
+        shared_mlp=shared_mlp,
         meta=meta,
     )
 
@@ -352,5 +506,8 @@ def random_scores(
         block_influence={k: rand(layers - k + 1) for k in block_sizes},
         removal_loss={k: rand(layers - k + 1) for k in block_sizes},
         task_removal={t: {k: rand(layers - k + 1, 2) for k in block_sizes} for t in tasks},
+        experts={m: rand(layers, shape.num_experts) for m in EXPERT_METRICS} if shape.num_experts else {},
+        expert_mlp=rand(layers, shape.num_experts, shape.moe_ffn_hidden_size) if shape.num_experts else None,
+        shared_mlp=rand(layers, shape.shared_expert_ffn_hidden_size) if shape.shared_expert_ffn_hidden_size else None,
         meta={"random": True, "seed": seed},
     )

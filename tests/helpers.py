@@ -22,10 +22,13 @@ from transformers import (
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Olmo2Config,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from compactlm.serve.protocol import (
@@ -52,6 +55,9 @@ CONFIGS = {
     "phi3": Phi3Config,
     "gemma2": Gemma2Config,
     "gemma3_text": Gemma3TextConfig,
+    "mixtral": MixtralConfig,
+    "qwen2_moe": Qwen2MoeConfig,
+    "qwen3_moe": Qwen3MoeConfig,
 }
 ARCHITECTURES = {"gemma3_text": "Gemma3ForCausalLM"}
 """Where the class name is not the config's name with ForCausalLM."""
@@ -75,6 +81,18 @@ def _quirks(family: str, layers: int) -> dict:
             final_logit_softcapping=30.0,
         ),
         "gemma3_text": dict(sliding_window=8, layer_types=alternating, query_pre_attn_scalar=16),
+        # Mixtures of experts: 8 routed experts, top-2; Mixtral's intermediate_size is its experts' width.
+        "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+        # Qwen2-MoE: a shared expert, one dense layer among the MoE ones, top-k weights left unnormalized.
+        "qwen2_moe": dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            mlp_only_layers=[layers - 2] if layers > 1 else [],
+            norm_topk_prob=False,
+        ),
+        "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     }.get(family, {})
 
 
@@ -106,7 +124,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     # Random init has tiny weights; scale them up a little so that units differ clearly in importance.
     with torch.no_grad():
         for p in model.parameters():
-            if p.ndim == 2:
+            if p.ndim >= 2:  # matrices, and the experts' stacked [experts, rows, cols] ones
                 p.normal_(0, 0.2)
     return model.eval()
 
@@ -128,7 +146,11 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int
     return out
 
 
-FAMILIES = tuple(CONFIGS)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+"""Mixtures of experts: their own tests (tests/unit/compress/test_moe.py), since their layers have no dense MLP to
+zero neurons of (or only some layers have one)."""
+FAMILIES = tuple(f for f in CONFIGS if f not in MOE)
+"""The dense families, which every prune test runs on."""
 FUSED = ("phi3",)
 """Families with one qkv_proj and one gate_up_proj per layer."""
 GEMMA = ("gemma2", "gemma3_text")

@@ -106,6 +106,22 @@ def prune_cmd(
             "whose removal keeps the accuracy on bundled task NAME highest, e.g. task:winowhy)."
         ),
     ] = "block-loss",
+    num_experts: Annotated[
+        int | None, typer.Option(help="Mixture of experts: keep this many routed experts in each MoE layer.")
+    ] = None,
+    moe_ffn_hidden_size: Annotated[
+        int | None, typer.Option(help="Mixture of experts: new FFN width of every routed expert.")
+    ] = None,
+    shared_expert_ffn_hidden_size: Annotated[
+        int | None, typer.Option(help="Mixture of experts: new FFN width of the shared expert (Qwen2-MoE).")
+    ] = None,
+    expert_metric: Annotated[
+        str,
+        typer.Option(
+            help="How --num-experts ranks experts: contribution (routing weight x output norm per token), "
+            "router_prob, frequency or reap."
+        ),
+    ] = "contribution",
     scores: Annotated[
         Path | None, typer.Option(help="Importance scores from `compress importance` (else computed now).")
     ] = None,
@@ -130,10 +146,12 @@ def prune_cmd(
 
     check_output(out, overwrite)
     sizes = (hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, num_layers, drop_layers)
-    if all(v is None for v in sizes):
+    moe = (num_experts, moe_ffn_hidden_size, shared_expert_ffn_hidden_size)
+    if all(v is None for v in sizes + moe):
         raise CompactLMError(
             "give a pruning target: --hidden-size, --ffn-hidden-size, --num-attention-heads, --num-query-groups, "
-            "--num-layers or --drop-layers (nothing given would copy the model unchanged)"
+            "--num-layers, --drop-layers, or for a mixture of experts --num-experts, --moe-ffn-hidden-size, "
+            "--shared-expert-ffn-hidden-size (nothing given would copy the model unchanged)"
         )
     target = PruneTarget(
         hidden_size=hidden_size,
@@ -143,6 +161,10 @@ def prune_cmd(
         num_layers=num_layers,
         drop_layers=parse_layer_ranges(drop_layers) if drop_layers else None,
         depth_metric=depth_metric,
+        num_experts=num_experts,
+        moe_ffn_hidden_size=moe_ffn_hidden_size,
+        shared_expert_ffn_hidden_size=shared_expert_ffn_hidden_size,
+        expert_metric=expert_metric,
     )
     checkpoint = inspect_checkpoint(model)
     path, config = checkpoint.path, checkpoint.config

@@ -5,6 +5,7 @@ The shape and exactness tests every family shares are in test_prune.py."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from compactlm.compress.prune import PruneTarget, prune
 from compactlm.compress.train import Batch, TrainingData, train
 from compactlm.compress.train_config import DistillConfig, TrainConfig
 from compactlm.core.errors import CompactLMError
-from tests.helpers import FAMILIES, GEMMA, logits, random_tokens, tiny_config, tiny_model
+from tests.helpers import FAMILIES, GEMMA, MOE, logits, random_tokens, tiny_config, tiny_model
 
 HD = 16
 CUT = PruneTarget(hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, num_layers=3)
@@ -32,13 +33,29 @@ def _scores(model, removal_loss: bool = False):
 
 
 def test_the_tests_build_every_supported_family_and_nothing_else():
-    assert set(FAMILIES) == set(SUPPORTED)
+    assert set(FAMILIES) | set(MOE) == set(SUPPORTED)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def _cut(config) -> PruneTarget:
+    """CUT, and in a mixture of experts half the experts, half of each one's neurons and of the shared expert's,
+    instead of the dense MLP (which Mixtral and Qwen3-MoE do not have)."""
+    shape = shape_of(config)
+    if not shape.num_experts:
+        return CUT
+    return replace(
+        CUT,
+        ffn_hidden_size=CUT.ffn_hidden_size if shape.moe_layers < shape.num_layers else None,
+        num_experts=shape.num_experts // 2,
+        moe_ffn_hidden_size=shape.moe_ffn_hidden_size // 2,
+        shared_expert_ffn_hidden_size=shape.shared_expert_ffn_hidden_size // 2 or None,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE)
 def test_a_cut_student_reloads_and_distillation_lowers_its_loss(family, tmp_path):
     teacher = tiny_model(family)
-    student, record, kept = prune(teacher, _scores(teacher, removal_loss=True), CUT)  # each layer's removal loss too
+    scores = _scores(teacher, removal_loss=True)  # each layer's removal loss too
+    student, record, kept = prune(teacher, scores, _cut(teacher.config))
     assert record["params_after"] == count_params(shape_of(student.config)) == count_model_params(student)
     out = save_checkpoint(student, tmp_path / "student", source=None, operation=record)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
