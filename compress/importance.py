@@ -390,9 +390,15 @@ def estimate_importance(
     for i, layer in enumerate(layers):
         if i in moe:
             handles += _hook_experts(layer, expert_stats[i])
-            if shape.shared_expert_ffn_hidden_size:
+            if shape.shared_expert_ffn_hidden_size:  # it sees the block's tokens flattened: [batch * seq, ffn]
                 shared_down = _submodule(layer, f"{SHARED}.down_proj")
-                handles.append(shared_down.register_forward_pre_hook(mlp_hook(shared_acc[i])))
+                handles.append(
+                    shared_down.register_forward_pre_hook(
+                        lambda _m, args, acc=shared_acc[i], stats=expert_stats[i]: acc.update(
+                            args[0].detach().abs().reshape(-1, stats.seq_len, args[0].shape[-1])
+                        )
+                    )
+                )
         else:
             handles.append(_submodule(layer, MLP_DOWN).register_forward_pre_hook(mlp_hook(mlp_acc[i])))
         handles.append(

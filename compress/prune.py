@@ -190,9 +190,10 @@ def plan(config, target: PruneTarget) -> tuple[ModelShape, dict]:
     )
     if family.expert_ffn_key != "intermediate_size":  # Mixtral's intermediate_size is its experts' width
         new_config["intermediate_size"] = ffn
-    if old.num_experts:
-        new_config[family.experts_key] = experts
-        new_config[family.expert_ffn_key] = expert_ffn
+    if old.num_experts:  # under the key the config class stores (Qwen3-MoE maps num_experts to num_local_experts)
+        aliases = getattr(config, "attribute_map", {}) or {}
+        new_config[aliases.get(family.experts_key, family.experts_key)] = experts
+        new_config[aliases.get(family.expert_ffn_key, family.expert_ffn_key)] = expert_ffn
     if old.shared_expert_ffn_hidden_size:
         new_config["shared_expert_intermediate_size"] = shared_ffn
     for key in ("transformers_version", "_name_or_path"):
