@@ -228,6 +228,11 @@ def enumerate_candidates(config, space: SearchSpace) -> list[Candidate]:
     Raises a CompactLMError that says which axis bounds the budget when none is.
     """
     source = shape_of(config)
+    if source.num_experts:
+        raise CompactLMError(
+            f"the architecture search covers dense models; this {config.model_type} is a mixture of experts: prune "
+            "it with explicit sizes (--num-experts, --moe-ffn-hidden-size, --hidden-size, --num-layers)"
+        )
     total = count_params(source)
     target = space.target_params(total)
     if target >= total:

@@ -115,6 +115,11 @@ def int4_group_size(model_config) -> int:
         model_config.hidden_size,
         model_config.intermediate_size,
         model_config.num_attention_heads * head_dim_of(model_config),
+        *(
+            getattr(model_config, k)
+            for k in ("moe_intermediate_size", "shared_expert_intermediate_size")
+            if getattr(model_config, k, None)
+        ),
     )
     for group in (128, 64, 32, 16):
         if all(w % group == 0 for w in widths):

@@ -64,7 +64,12 @@ class TrtllmBackend(Backend):
             from compactlm.compress.arch import shape_of
 
             shape = shape_of(model_config)
-            for what, width in (("hidden size", shape.hidden_size), ("MLP width", shape.ffn_hidden_size)):
+            widths = (
+                ("hidden size", shape.hidden_size),
+                ("MLP width", shape.ffn_hidden_size),
+                ("expert FFN width", shape.moe_ffn_hidden_size),
+            )
+            for what, width in widths:
                 if width % 64:
                     raise CompactLMError(f"INT4 AWQ groups of 64 or 128 inputs need the {what} ({width}) to divide")
 

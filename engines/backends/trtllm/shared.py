@@ -62,10 +62,11 @@ def sliding_window(model_config) -> int | None:
     return int(window) if window else None
 
 
-PYTORCH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma3_text")
+PYTORCH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma3_text", "mixtral", "qwen3_moe")
 """The families compactlm prunes whose HF architecture the current (PyTorch-backend) TensorRT-LLM lists among its
 supported models (LlamaForCausalLM, MistralForCausalLM, Qwen2/Qwen3ForCausalLM, GraniteForCausalLM,
-Phi3ForCausalLM, Gemma3ForCausalLM); Gemma 2 and OLMo 2 are not on that list."""
+Phi3ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM); Gemma 2, OLMo 2 and Qwen2-MoE are
+not on that list."""
 
 
 def check_family(model_config, supported: tuple[str, ...], flow: str) -> None:
@@ -98,6 +99,8 @@ def check_model(model_config, config: BuildConfig, fp8_precisions=("fp8",)) -> N
         )
     if shape.ffn_hidden_size % tp:
         raise CompactLMError(f"tp_size {tp} does not divide the MLP width {shape.ffn_hidden_size}")
+    if shape.moe_ffn_hidden_size % tp:
+        raise CompactLMError(f"tp_size {tp} does not divide the experts' FFN width {shape.moe_ffn_hidden_size}")
     if family.model_type == "qwen3" and shape.o_bias:
         raise CompactLMError("TensorRT-LLM's Qwen attention has no output-projection bias (Qwen3 attention_bias)")
     rope_settings(model_config)
@@ -109,7 +112,11 @@ def check_model(model_config, config: BuildConfig, fp8_precisions=("fp8",)) -> N
             f"use --max-seq-len {window} or less"
         )
     if config.precision in fp8_precisions:
-        widths = {"hidden size": shape.hidden_size, "MLP width per rank": shape.ffn_hidden_size // tp}
+        widths = {
+            "hidden size": shape.hidden_size,
+            "MLP width per rank": shape.ffn_hidden_size // tp,
+            "expert FFN width per rank": shape.moe_ffn_hidden_size // tp,
+        }
         for what, width in widths.items():
             if width % 16:
                 raise CompactLMError(f"FP8 GEMMs need multiples of 16; the model's {what} is {width}")

@@ -292,3 +292,11 @@ def test_cli_prunes_experts_and_records_the_kept_ones(tmp_path):
     result = cli("compress", "prune", tmp_path / "moe", tmp_path / "bad", "--num-experts", "1", "--random-seed", "0")
     assert result.exit_code != 0 and "fewer than the 2 experts" in str(result.exception)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_architecture_search_says_it_covers_dense_models():
+    from compactlm.compress.search_space import SearchSpace, enumerate_candidates
+    from tests.helpers import tiny_config
+
+    with pytest.raises(CompactLMError, match="covers dense models; this mixtral is a mixture of experts"):
+        enumerate_candidates(tiny_config("mixtral"), SearchSpace(params=0.7))

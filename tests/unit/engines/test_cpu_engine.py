@@ -5,6 +5,7 @@ once per module."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from compactlm.core.errors import CompactLMError
 from compactlm.engines import BuildConfig, Limits, Request, build_engine, load_engine, read_manifest
 from compactlm.engines.backends.openvino.engine import NOT_EXPORTED
 from compactlm.engines.backends.openvino.export import is_ready
-from tests.helpers import cli, english_docs, hf_greedy, random_tokens, save_word_tokenizer, tiny_model
+from tests.helpers import MOE, cli, english_docs, hf_greedy, random_tokens, save_word_tokenizer, tiny_model
 
 pytestmark = pytest.mark.skipif(
     not is_ready(), reason="the OpenVINO exporter venv is not set up (`compactlm engines setup`, done by make setup)"
@@ -107,7 +108,10 @@ def test_qwen3_student_with_biases_and_qk_norm_matches(tmp_path):
     assert got == hf_greedy(model, prompts, 16)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "granite", "olmo2", "phi3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize(
+    "family",
+    ["mistral", "qwen2", "granite", "olmo2", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe"],
+)
 def test_a_pruned_student_of_each_family_matches_transformers_on_both_engines(family, tmp_path):
     """Each family's quirks on (Gemma's sliding window of 8 tokens inside these prompts, soft-capping, Granite's
     multipliers, Phi-3's fused projections, OLMo 2's post-norms), cut in width, heads and depth by compactlm."""
@@ -117,6 +121,9 @@ def test_a_pruned_student_of_each_family_matches_transformers_on_both_engines(fa
 
     teacher = tiny_model(family).eval()
     target = PruneTarget(hidden_size=36, ffn_hidden_size=64, num_query_groups=2, drop_layers=(1,))
+    if family in MOE:  # half the experts and half of each one's neurons instead of the dense MLP (see test_moe.py)
+        moe_ffn = teacher.config.intermediate_size if family == "mixtral" else teacher.config.moe_intermediate_size
+        target = replace(target, ffn_hidden_size=None, num_experts=4, moe_ffn_hidden_size=moe_ffn // 2)
     student, record, _ = prune(teacher, random_scores(teacher.config, seed=4), target)
     ckpt = save_checkpoint(student, tmp_path / "ckpt", source=None, operation=record)
     prompts = prompts_of(seed=3)[:4]

@@ -345,11 +345,14 @@ def test_each_flow_names_the_families_it_runs_before_any_work():
 
     big = Limits(4, 16, 32, 64)
     current, legacy = TrtllmBackend(), TrtllmEngineBackend()
-    for family in ("gemma2", "olmo2"):
+    for family in ("gemma2", "olmo2", "qwen2_moe"):
         with pytest.raises(CompactLMError, match=f"does not run {family} models; it takes llama, mistral"):
             current.check_model(tiny_config(family), BuildConfig(backend="trtllm", limits=big))
-    for family in ("gemma3_text", "phi3", "granite", "olmo2"):
+    for family in ("gemma3_text", "phi3", "granite", "olmo2", "mixtral", "qwen3_moe"):
         with pytest.raises(CompactLMError, match=f"legacy TensorRT-LLM checkpoint export does not run {family}"):
             legacy.check_model(tiny_config(family), BuildConfig(backend="trtllm-engine", limits=big))
-    for family in ("phi3", "granite"):  # on the current flow's list: the other checks run, and pass
+    for family in ("phi3", "granite", "mixtral", "qwen3_moe"):  # on the current flow's list: the other checks pass
         current.check_model(tiny_config(family), BuildConfig(backend="trtllm", limits=big))
+    fp8 = BuildConfig(backend="trtllm", precision="fp8", limits=big)
+    with pytest.raises(CompactLMError, match="FP8 GEMMs need multiples of 16; the model's expert FFN width per rank"):
+        current.check_model(tiny_config("qwen3_moe", moe_intermediate_size=24), fp8)
