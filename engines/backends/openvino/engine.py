@@ -40,9 +40,6 @@ PRECISIONS = {
     "int4": ("int4", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "u8"}),
 }
 KV_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
-NOT_EXPORTED = ("gemma2", "gemma3_text")
-"""Families the pinned exporter refuses: optimum-intel 2.2's Gemma 2 / Gemma 3 configs allow transformers <= 5.0,
-and the exporter venv pins 5.5.4 (export.py REQUIREMENTS); the torch backend runs them."""
 FUSED_BY_DEFAULT = ("int8", "int4")
 """Weight formats whose q/k/v matmuls are fused unless BuildConfig.fuse_qkv says otherwise.
 compactlm.bench.perf.cpu_engine, SmolLM2-135M, fused vs stock at batch 1 / 32: int8 +7.2% / -0.5%, int4 +10.0% /
@@ -88,11 +85,6 @@ class CpuBackend(Backend):
         _import_genai()
 
     def check_model(self, model_config, config: BuildConfig) -> None:
-        if model_config.model_type in NOT_EXPORTED:
-            raise CompactLMError(
-                f"the cpu backend cannot build {model_config.model_type} models yet: its exporter (optimum-intel 2.2 "
-                f"on transformers 5.5) exports Gemma only under transformers <= 5.0; use --backend torch"
-            )
         if config.tp_size != 1:
             raise CompactLMError("the cpu backend runs on one device: tp_size must be 1")
         if config.precision == "int4":

@@ -145,6 +145,25 @@ export_tokenizer(AutoTokenizer.from_pretrained(ckpt), out)
 """
 
 
+# optimum-intel 2.2 gates its Gemma export configs (Gemma 2 and Gemma 3 text inherit Gemma's) at transformers <= 5.0
+# (MAX_TRANSFORMERS_VERSION, checked before export); the exporter venv runs 5.5.4. Its maintainers point to a custom
+# export config for exactly this (optimum-intel issue #1562); raising the class's limit in the exporter process does
+# the same for the CLI. compactlm checks every Gemma export against transformers' greedy tokens, sliding window and
+# soft-capping on (tests/unit/engines/test_cpu_engine.py).
+_GEMMA_GATE = """
+from optimum.exporters.openvino import model_configs
+model_configs.GemmaOpenVINOConfig.MAX_TRANSFORMERS_VERSION = "5.5.99"
+"""
+GATED = ("gemma2", "gemma3_text")
+"""Families whose export needs `_GEMMA_GATE`."""
+_CLI = """
+import sys
+from optimum.commands.optimum_cli import main
+sys.argv = ["optimum-cli", *sys.argv[1:]]
+main()
+"""
+
+
 def _env() -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("PYTHONPATH", None)  # compactlm's own site-packages must not leak into the exporter
@@ -161,12 +180,13 @@ def export_openvino(
     if weight_format not in WEIGHT_FORMATS:
         raise CompactLMError(f"unknown weight format {weight_format!r}; choose from {', '.join(WEIGHT_FORMATS)}")
     python = ensure_exporter()
+    prelude = _GEMMA_GATE if model_config.model_type in GATED else ""
     if weight_format == "int4" and calibration:
         group = int4_group_size(model_config)
         texts = out.parent / f".{out.name}.calibration.json"
         texts.write_text(json.dumps(calibration))
         try:
-            cmd = [str(python), "-c", _INT4_AWQ, str(checkpoint), str(out), str(texts), str(group)]
+            cmd = [str(python), "-c", prelude + _INT4_AWQ, str(checkpoint), str(out), str(texts), str(group)]
             _run(cmd, f"exporting {checkpoint} to OpenVINO int4 (AWQ)", env=_env())
         finally:
             texts.unlink(missing_ok=True)
@@ -178,7 +198,7 @@ def export_openvino(
             "tokenizer_converted": (out / "openvino_tokenizer.xml").is_file(),
         }
     cmd = [
-        str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino",
+        str(python), "-c", prelude + _CLI, "export", "openvino",
         "--model", str(checkpoint), "--task", "text-generation-with-past", "--library", "transformers",
         "--weight-format", weight_format,
     ]  # fmt: skip

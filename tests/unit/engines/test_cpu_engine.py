@@ -13,7 +13,6 @@ import torch
 
 from compactlm.core.errors import CompactLMError
 from compactlm.engines import BuildConfig, Limits, Request, build_engine, load_engine, read_manifest
-from compactlm.engines.backends.openvino.engine import NOT_EXPORTED
 from compactlm.engines.backends.openvino.export import is_ready
 from tests.helpers import MOE, cli, english_docs, hf_greedy, random_tokens, save_word_tokenizer, tiny_model
 
@@ -128,17 +127,12 @@ def test_a_pruned_student_of_each_family_matches_transformers_on_both_engines(fa
     ckpt = save_checkpoint(student, tmp_path / "ckpt", source=None, operation=record)
     prompts = prompts_of(seed=3)[:4]
     expected = hf_greedy(student, prompts, 16)
-    backends = ("torch",) if family in NOT_EXPORTED else ("cpu", "torch")
-    for backend in backends:
+    for backend in ("cpu", "torch"):
         out = build_engine(ckpt, tmp_path / backend, BuildConfig(backend=backend, limits=LIMITS))
         with load_engine(out) as engine:
             completions = engine.generate(prompts, 16, ignore_eos=True)
         assert [c.error for c in completions] == [None] * len(prompts), backend
         assert [c.tokens for c in completions] == expected, backend
-    if family in NOT_EXPORTED:  # refused in one line, before any work
-        with pytest.raises(CompactLMError, match=f"the cpu backend cannot build {family} models yet"):
-            build_engine(ckpt, tmp_path / "cpu", BuildConfig(backend="cpu", limits=LIMITS))
-        assert not (tmp_path / "cpu").exists()
 
 
 def test_int4_engine_is_smaller_and_generates(tiny, tmp_path):
