@@ -223,6 +223,13 @@ def decoder_layers(model):
     return model.model.layers
 
 
+def submodule(layer, dotted: str):
+    """The module at a dotted name (one of the names below) inside a decoder layer."""
+    for part in dotted.split("."):
+        layer = getattr(layer, part)
+    return layer
+
+
 # State-dict names, relative to `model.layers.{i}.`
 ATTN_Q, ATTN_K, ATTN_V, ATTN_O = (f"self_attn.{p}_proj" for p in "qkvo")
 MLP_GATE, MLP_UP, MLP_DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"

@@ -30,28 +30,21 @@ import torch
 from compactlm.compress.arch import (
     ATTN_O,
     MLP_DOWN,
-    MOE_EXPERTS,
-    MOE_ROUTER,
     SHARED,
     decoder_layers,
     family_of,
     moe_layer_indices,
     shape_of,
+    submodule,
 )
 from compactlm.compress.depth import BlockInfluence, removal_losses, task_removals
+from compactlm.compress.experts import EXPERT_METRICS, ExpertStats, hook_experts
+from compactlm.compress.running import Accumulator
 from compactlm.compress.tasks import choice_batches, load_task
 from compactlm.core.errors import CompactLMError
 from compactlm.core.io import atomic_file
 
 AGGREGATIONS = ("mean", "l2", "var")
-EXPERT_METRICS = ("contribution", "router_prob", "frequency", "reap")
-"""How a routed expert is scored (per token of the calibration set; higher is more important):
-- contribution: the mean over all tokens of routing weight x L2 norm of the expert's output (0 where not routed):
-  how much the expert adds to the residual stream;
-- router_prob: the mean router probability (softmax over all experts), the router's own probability mass;
-- frequency: the share of tokens whose top-k includes the expert;
-- reap: the mean of routing weight x output norm over the tokens routed to the expert only (REAP, Lasby et al.
-  2025), which does not reward an expert for being picked often."""
 
 
 @dataclass
@@ -209,123 +202,6 @@ def _task_tables(tensors: dict[str, torch.Tensor]) -> dict[str, dict[int, torch.
     return tables
 
 
-class _Accumulator:
-    """Reduce [batch, seq, channels] magnitudes over seq per sample, accumulate over samples (float64)."""
-
-    def __init__(self, channels: int, seq_agg: str, batch_agg: str):
-        self.seq_agg, self.batch_agg = seq_agg, batch_agg
-        self.sum = torch.zeros(channels, dtype=torch.float64)
-        self.sumsq = torch.zeros(channels, dtype=torch.float64)
-        self.count = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.float()
-        if self.seq_agg == "mean":
-            per_sample = x.mean(dim=1)
-        elif self.seq_agg == "l2":
-            per_sample = torch.linalg.vector_norm(x, dim=1)
-        else:
-            per_sample = x.var(dim=1, unbiased=False)
-        self.add_samples(per_sample)
-
-    def add_samples(self, per_sample: torch.Tensor) -> None:
-        """Accumulate [samples, channels] values already reduced over each sample's tokens."""
-        per_sample = per_sample.double()
-        if self.batch_agg != "l2":
-            self.sum += per_sample.sum(dim=0)
-        if self.batch_agg != "mean":
-            self.sumsq += per_sample.pow(2).sum(dim=0)
-        self.count += per_sample.shape[0]
-
-    def result(self) -> torch.Tensor:
-        n = max(self.count, 1)
-        if self.batch_agg == "mean":
-            return self.sum / n
-        if self.batch_agg == "l2":
-            return self.sumsq.sqrt()
-        return (self.sumsq / n - (self.sum / n) ** 2).clamp_min(0.0)
-
-
-class _ExpertStats:
-    """One MoE layer's running statistics: per-expert scores (EXPERT_METRICS) and each expert's FFN neurons, whose
-    activations are reduced over the tokens of a sample routed to the expert (`seq_agg`), then over the samples
-    that routed any token to it (`batch_agg`)."""
-
-    def __init__(self, experts: int, ffn: int, seq_agg: str, batch_agg: str):
-        self.neurons = [_Accumulator(ffn, seq_agg, batch_agg) for _ in range(experts)]
-        self.seq_agg = seq_agg
-        self.prob = torch.zeros(experts, dtype=torch.float64)
-        self.routed = torch.zeros(experts, dtype=torch.float64)
-        self.contribution = torch.zeros(experts, dtype=torch.float64)
-        self.tokens = 0
-        self.seq_len = 1
-
-    def router(self, router, hidden: torch.Tensor) -> None:
-        """The router's probabilities over all experts, from its input (every family: softmax of a linear map)."""
-        logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
-        self.prob += torch.softmax(logits.float(), dim=-1).sum(0).double()
-        self.tokens += logits.shape[0]
-
-    def experts(self, module, hidden: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> None:
-        """What each routed expert computes on its tokens (recomputed from its weights: [gate; up] -> act * up)."""
-        ffn = module.down_proj.shape[-1]
-        for expert in torch.unique(top_index).tolist():
-            if not 0 <= expert < len(self.neurons):
-                continue
-            token, slot = torch.where(top_index == expert)
-            x = hidden[token]
-            gate, up = torch.nn.functional.linear(x, module.gate_up_proj[expert]).split(ffn, dim=-1)
-            act = module.act_fn(gate) * up
-            out_norm = torch.linalg.vector_norm(
-                torch.nn.functional.linear(act, module.down_proj[expert]).float(), dim=-1
-            )
-            weight = top_weight[token, slot].float()
-            self.routed[expert] += len(token)
-            self.contribution[expert] += (weight * out_norm).sum().double()
-            self.neurons[expert].add_samples(self._per_sample(act.abs().float(), token // self.seq_len))
-
-    def _per_sample(self, values: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """[tokens, ffn] -> [samples that have tokens here, ffn], reduced over each sample's tokens by `seq_agg`."""
-        ids, sample = torch.unique(sample, return_inverse=True)
-        count = torch.zeros(len(ids)).index_add_(0, sample, torch.ones(len(sample)))[:, None]
-        total = torch.zeros(len(ids), values.shape[1]).index_add_(0, sample, values)
-        squares = torch.zeros(len(ids), values.shape[1]).index_add_(0, sample, values.pow(2))
-        if self.seq_agg == "mean":
-            return total / count
-        if self.seq_agg == "l2":
-            return squares.sqrt()
-        return (squares / count - (total / count) ** 2).clamp_min(0.0)
-
-    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        tokens = max(self.tokens, 1)
-        scores = {
-            "contribution": self.contribution / tokens,
-            "router_prob": self.prob / tokens,
-            "frequency": self.routed / tokens,
-            "reap": self.contribution / self.routed.clamp_min(1.0),
-        }
-        return scores, torch.stack([n.result() for n in self.neurons])
-
-
-def _hook_experts(layer, stats: _ExpertStats) -> list:
-    """Hooks on one MoE layer: the sequence length (from the block's input), the router, the experts."""
-
-    def block(_m, args):
-        stats.seq_len = args[0].shape[1] if args[0].ndim == 3 else 1
-
-    def experts(module, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
-        stats.experts(module, *(v.detach() for v in values[:3]))
-
-    router = _submodule(layer, MOE_ROUTER)
-    return [
-        layer.mlp.register_forward_pre_hook(block),
-        router.register_forward_pre_hook(lambda m, args: stats.router(m, args[0].detach())),
-        _submodule(layer, MOE_EXPERTS).register_forward_pre_hook(experts, with_kwargs=True),
-    ]
-
-
 def _norm_modules(model) -> list[torch.nn.Module]:
     """Every [hidden] norm of the model (each layer's, per its family, then the final one): embedding-channel
     importance is the aggregate of their outputs."""
@@ -335,12 +211,6 @@ def _norm_modules(model) -> list[torch.nn.Module]:
         norms += [getattr(layer, name) for name in names]
     norms.append(model.model.norm)
     return norms
-
-
-def _submodule(layer, dotted: str):
-    for part in dotted.split("."):
-        layer = getattr(layer, part)
-    return layer
 
 
 def estimate_importance(
@@ -372,16 +242,16 @@ def estimate_importance(
             raise CompactLMError(f"block size {k} is larger than the model's {num_layers} layers")
     heads, head_dim = shape.num_attention_heads, shape.head_dim
 
-    mlp_acc = [_Accumulator(shape.ffn_hidden_size, config.seq_agg, config.batch_agg) for _ in range(num_layers)]
-    head_acc = [_Accumulator(heads, config.seq_agg, config.batch_agg) for _ in range(num_layers)]
+    mlp_acc = [Accumulator(shape.ffn_hidden_size, config.seq_agg, config.batch_agg) for _ in range(num_layers)]
+    head_acc = [Accumulator(heads, config.seq_agg, config.batch_agg) for _ in range(num_layers)]
     norms = _norm_modules(model)
-    norm_acc = [_Accumulator(shape.hidden_size, config.seq_agg, config.batch_agg) for _ in norms]
+    norm_acc = [Accumulator(shape.hidden_size, config.seq_agg, config.batch_agg) for _ in norms]
     influence = BlockInfluence(num_layers, config.block_sizes)
     moe = set(moe_layer_indices(model.config))
     expert_stats = {
-        i: _ExpertStats(shape.num_experts, shape.moe_ffn_hidden_size, config.seq_agg, config.batch_agg) for i in moe
+        i: ExpertStats(shape.num_experts, shape.moe_ffn_hidden_size, config.seq_agg, config.batch_agg) for i in moe
     }
-    shared_acc = {i: _Accumulator(shape.shared_expert_ffn_hidden_size, config.seq_agg, config.batch_agg) for i in moe}
+    shared_acc = {i: Accumulator(shape.shared_expert_ffn_hidden_size, config.seq_agg, config.batch_agg) for i in moe}
 
     def mlp_hook(acc):
         return lambda _m, args: acc.update(args[0].detach().abs())
@@ -389,9 +259,9 @@ def estimate_importance(
     handles = []
     for i, layer in enumerate(layers):
         if i in moe:
-            handles += _hook_experts(layer, expert_stats[i])
+            handles += hook_experts(layer, expert_stats[i])
             if shape.shared_expert_ffn_hidden_size:  # it sees the block's tokens flattened: [batch * seq, ffn]
-                shared_down = _submodule(layer, f"{SHARED}.down_proj")
+                shared_down = submodule(layer, f"{SHARED}.down_proj")
                 handles.append(
                     shared_down.register_forward_pre_hook(
                         lambda _m, args, acc=shared_acc[i], stats=expert_stats[i]: acc.update(
@@ -400,9 +270,9 @@ def estimate_importance(
                     )
                 )
         else:
-            handles.append(_submodule(layer, MLP_DOWN).register_forward_pre_hook(mlp_hook(mlp_acc[i])))
+            handles.append(submodule(layer, MLP_DOWN).register_forward_pre_hook(mlp_hook(mlp_acc[i])))
         handles.append(
-            _submodule(layer, ATTN_O).register_forward_pre_hook(
+            submodule(layer, ATTN_O).register_forward_pre_hook(
                 lambda _m, args, acc=head_acc[i]: acc.update(
                     torch.linalg.vector_norm(args[0].detach().unflatten(-1, (heads, head_dim)), dim=-1)
                 )

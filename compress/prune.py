@@ -36,7 +36,8 @@ from compactlm.compress.arch import (
     validate_config,
 )
 from compactlm.compress.depth import choose_layers_to_drop, depth_task
-from compactlm.compress.importance import EXPERT_METRICS, ImportanceScores
+from compactlm.compress.experts import EXPERT_METRICS
+from compactlm.compress.importance import ImportanceScores
 from compactlm.core.errors import CompactLMError
 
 
@@ -62,7 +63,7 @@ class PruneTarget:
     shared_expert_ffn_hidden_size: int | None = None
     """The shared expert's FFN width (Qwen2-MoE), pruned like a dense MLP."""
     expert_metric: str = "contribution"
-    """How experts are ranked: one of compactlm.compress.importance.EXPERT_METRICS."""
+    """How experts are ranked: one of compactlm.compress.experts.EXPERT_METRICS."""
 
     @classmethod
     def config_prepare(cls, data: dict) -> dict:
