@@ -140,3 +140,22 @@ def candidates_table(frame, title: str, total_params: int | None = None) -> Tabl
                 cells.append(str(value))
         table.add_row(*cells)
     return table
+
+
+def experts_table(scores: ImportanceScores) -> Table | None:
+    """Each MoE layer's routed experts from least to most important by the default metric (contribution), with
+    the share of the router's top-k picks each received; None for a dense model."""
+    if not scores.experts:
+        return None
+    contribution, frequency = scores.experts["contribution"], scores.experts["frequency"]
+    table = Table(title="expert importance: routed experts by contribution, least important first (share of picks)")
+    table.add_column("layer", justify="right")
+    table.add_column("experts", justify="left")
+    top_k = max(float(frequency[i].sum()) for i in range(len(frequency))) or 1.0
+    for layer in range(len(contribution)):
+        if not float(frequency[layer].sum()):  # a dense layer
+            continue
+        order = sorted(range(contribution.shape[1]), key=lambda e: float(contribution[layer, e]))
+        cells = [f"{e} ({float(frequency[layer, e]) / top_k:.0%})" for e in order]
+        table.add_row(str(layer), "  ".join(cells))
+    return table

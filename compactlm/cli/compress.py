@@ -63,7 +63,7 @@ def importance_cmd(
     from compactlm.compress.data import check_data
     from compactlm.compress.importance import ImportanceConfig
     from compactlm.compress.operations import run_importance
-    from compactlm.compress.tables import blocks_table, depth_table
+    from compactlm.compress.tables import blocks_table, depth_table, experts_table
     from compactlm.core.io import check_output
 
     config = ImportanceConfig(
@@ -83,7 +83,7 @@ def importance_cmd(
     check_data(data)
     scores = run_importance(path, data, samples, seq_len, config)
     scores.save(out)
-    for table in (depth_table(scores), blocks_table(scores)):
+    for table in (depth_table(scores), blocks_table(scores), experts_table(scores)):
         if table is not None:
             console.print(table)
     console.print(f"scores written to [bold]{out}[/] ({scores.meta['seconds']} s)")

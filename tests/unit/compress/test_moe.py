@@ -300,3 +300,22 @@ def test_the_architecture_search_says_it_covers_dense_models():
 
     with pytest.raises(CompactLMError, match="covers dense models; this mixtral is a mixture of experts"):
         enumerate_candidates(tiny_config("mixtral"), SearchSpace(params=0.7))
+
+
+def test_the_experts_table_lists_moe_layers_least_important_first():
+    from rich.console import Console
+
+    from compactlm.compress.tables import experts_table
+
+    teacher = tiny_model("qwen2_moe")
+    scores = _scores(teacher)
+    table = experts_table(scores)
+    moe = moe_layer_indices(teacher.config)
+    assert [int(c) for c in table.columns[0]._cells] == list(moe)  # the dense layer has no row
+    for layer, cells in zip(moe, table.columns[1]._cells, strict=True):
+        first = int(cells.split()[0])
+        assert first == int(scores.experts["contribution"][layer].argmin())
+    console = Console(width=200, record=True)
+    console.print(table)
+    assert "least important first" in console.export_text()
+    assert experts_table(_scores(tiny_model("llama"))) is None
