@@ -51,6 +51,9 @@ class Backend(ABC):
     def build(self, checkpoint: Checkpoint, out: Path, config: BuildConfig) -> dict:
         """Write the engine files into `out` (a fresh temp folder); return backend details for the manifest."""
 
+    load_options: tuple[str, ...] = ()
+    """Keyword options this backend's `load` takes (`load_engine` passes on only these)."""
+
     @abstractmethod
     def load(self, path: Path, manifest: Manifest) -> Engine:
         """Open a built engine for generation."""

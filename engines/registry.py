@@ -42,10 +42,13 @@ def list_backends() -> list[Backend]:
     return [get_backend(name) for name in sorted(BACKENDS)]
 
 
-def load_engine(path: str | Path) -> Engine:
-    """Open a built engine folder (any backend) for generation."""
+def load_engine(path: str | Path, **options) -> Engine:
+    """Open a built engine folder (any backend) for generation. `options` the backend does not take are ignored:
+    `recycle=True` runs the cpu backend's pipeline in a worker process that is replaced when it has grown (what a
+    long-lived server wants; the other backends do not grow)."""
     from compactlm.engines.manifest import read_manifest
 
     path = Path(path).expanduser()
     manifest = read_manifest(path)
-    return get_backend(manifest.backend).load(path, manifest)
+    backend = get_backend(manifest.backend)
+    return backend.load(path, manifest, **{k: v for k, v in options.items() if k in backend.load_options})

@@ -56,6 +56,9 @@ class ServeConfig:
     least 256)."""
     body_timeout_s: float = 30.0
     """OpenAI front: a request body not complete this long after its headers gets 408."""
+    recycle: bool = True
+    """The cpu engine's pipeline runs in a worker process that is replaced when idle after it has grown past its
+    bound (model + KV cache + 256 MB): OpenVINO GenAI's pipeline keeps memory for every request it served."""
 
     def __post_init__(self):
         ports = [self.http_port, self.grpc_port, self.metrics_port] + (
@@ -142,7 +145,7 @@ class Server:
 
         cfg = self.config
         Triton, TritonConfig = _import_pytriton() if cfg.triton else (None, None)
-        self.engine = load_engine(self.engine_dir)
+        self.engine = load_engine(self.engine_dir, recycle=cfg.recycle)
         limit = self.engine.limits.max_batch_size
         if cfg.max_batch_size is not None and cfg.max_batch_size > limit:
             raise CompactLMError(

@@ -51,10 +51,12 @@ def transformers_run(model, prompts: np.ndarray, osl: int) -> int:
 
 def bare_run(engine, prompts: np.ndarray, osl: int) -> int:
     """OpenVINO GenAI's own batch API on the engine's pipeline (the engine's worker is idle meanwhile)."""
-    genai, ov = engine._genai, engine._ov
+    from compactlm.engines.backends.openvino.worker import import_genai
+
+    ov, genai = import_genai()
     config = genai.GenerationConfig()
     config.max_new_tokens, config.ignore_eos, config.do_sample = osl, True, False
-    results = engine._pipe.generate([ov.Tensor(p[None]) for p in prompts], [config] * len(prompts))
+    results = engine.pipeline.generate([ov.Tensor(p[None]) for p in prompts], [config] * len(prompts))
     return sum(len(r.m_generation_ids[0]) for r in results)
 
 

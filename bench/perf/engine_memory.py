@@ -5,6 +5,11 @@ memory. The torch engine is the baseline (its Python side is the same runtime la
     python -m compactlm.bench.perf.engine_memory --engines cpu-int8=ENGINE_DIR torch=ENGINE_DIR \
         [--requests 5000] [--every 500] [--batch 8] [--isl 32] [--osl 32] [--out FILE.json]
 
+A label ending in `+recycle` loads the engine as `compactlm serve` does (`load_engine(..., recycle=True)`: the cpu
+backend's pipeline in a worker process that is replaced when it has grown), optionally `+recycle@MB` to replace it
+above MB of worker RSS instead of the default bound; RSS is then the process's plus its worker's, and the result
+counts the replacements.
+
 Fresh random prompts (no prefix reuse), EOS ignored; requests go in waves of `--batch`. The slope is a least-squares
 fit of RSS against requests served, over the samples after the first (the warm-up: caches, allocator arenas).
 """
@@ -31,16 +36,33 @@ def slope_kib_per_request(samples: list[tuple[int, float]]) -> float:
     return 1024 * sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
-def child(engine_dir: str, requests: int, every: int, batch: int, isl: int, osl: int) -> dict:
+def _rss_mib(process) -> float:
+    """The process's resident memory plus its children's (a recycled engine's worker)."""
+    total = process.memory_info().rss
+    for kid in process.children(recursive=True):
+        try:
+            total += kid.memory_info().rss
+        except Exception:  # noqa: BLE001 - a worker being replaced just now
+            pass
+    return round(total / 2**20, 1)
+
+
+def child(engine_dir: str, requests: int, every: int, batch: int, isl: int, osl: int, label: str = "") -> dict:
     import psutil
 
     from compactlm.engines import load_engine
 
+    options = {}
+    if "+recycle" in label:
+        options["recycle"] = True
+        above = label.partition("+recycle")[2].lstrip("@")
+        if above:
+            options["recycle_above_mb"] = int(above)
     process = psutil.Process()
     rng = random.Random(0)
     samples = []
     started = time.perf_counter()
-    with load_engine(engine_dir) as engine:
+    with load_engine(engine_dir, **options) as engine:
         vocab = engine.manifest.model.get("vocab_size") or 1000
         eos = set(engine.manifest.backend_info.get("eos_token_ids", ()))
         ids = [i for i in range(vocab) if i not in eos]
@@ -53,10 +75,13 @@ def child(engine_dir: str, requests: int, every: int, batch: int, isl: int, osl:
             done += batch
             if done % every < batch:
                 gc.collect()
-                samples.append((done, round(process.memory_info().rss / 2**20, 1)))
+                samples.append((done, _rss_mib(process)))
                 print(f"{engine_dir}: {done} requests, RSS {samples[-1][1]} MiB", file=sys.stderr, flush=True)
         manifest = engine.manifest
+        recycles = getattr(engine, "recycles", None) if options else None
     return {
+        "recycle": options or None,
+        "recycles": recycles,
         "engine": engine_dir,
         "backend": manifest.backend,
         "precision": manifest.precision,
@@ -80,7 +105,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.requests, args.every, args.batch, args.isl, args.osl)))
+        label = args.engines[0].partition("=")[0]
+        print(json.dumps(child(args.child, args.requests, args.every, args.batch, args.isl, args.osl, label)))
         return
     results = {}
     for item in args.engines:
@@ -95,10 +121,12 @@ def main() -> None:
         result = results[label]
         print(
             f"{label}: {result['requests']} requests in {result['seconds']} s, RSS {result['rss_mib'][0][1]} -> "
-            f"{result['rss_mib'][-1][1]} MiB, slope {result['slope_kib_per_request']} KiB/request"
+            f"{result['rss_mib'][-1][1]} MiB (max {max(r for _, r in result['rss_mib'])}), slope "
+            f"{result['slope_kib_per_request']} KiB/request"
+            + (f", worker replaced {result['recycles']} times" if result["recycles"] is not None else "")
         )
     report = {
-        "what": f"in-process engines, {args.requests} requests of {args.isl}/{args.osl} tokens in waves of "
+        "what": f"engines, {args.requests} requests of {args.isl}/{args.osl} tokens in waves of "
         f"{args.batch}, RSS every {args.every}",
         "results": results,
         "environment": environment(),

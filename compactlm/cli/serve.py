@@ -70,6 +70,13 @@ def start(
     body_timeout: Annotated[
         float, typer.Option(help="OpenAI API: seconds a request body may take to arrive before a 408.")
     ] = 30.0,
+    recycle: Annotated[
+        bool,
+        typer.Option(
+            help="cpu engines: run the pipeline in a worker process, replaced when idle once it has grown past "
+            "model + KV cache + 256 MB (--no-recycle: in the server's own process)."
+        ),
+    ] = True,
 ) -> None:
     """Serve ENGINE on a real Triton server until Ctrl-C or SIGTERM: models `compactlm` (streaming) and
     `compactlm_full` (whole completion, dynamic batching), plus an OpenAI-compatible API (/v1/completions,
@@ -90,6 +97,7 @@ def start(
         triton=triton,
         max_queue=max_queue,
         body_timeout_s=body_timeout,
+        recycle=recycle,
     )
 
     def ready(server) -> None:

@@ -25,6 +25,14 @@ from typing import TYPE_CHECKING
 
 from compactlm.core.errors import CompactLMError
 from compactlm.engines.backend import Backend
+from compactlm.engines.backends.openvino.worker import (
+    Step,
+    Stepper,
+    WorkerStepper,
+    import_genai,
+    make_pipeline,
+    rss_bytes,
+)
 from compactlm.engines.config import BuildConfig
 from compactlm.engines.manifest import Manifest
 from compactlm.engines.runtime import Capabilities, Engine
@@ -57,17 +65,6 @@ ContinuousBatchingPipeline has been destroyed, the next signal the process gets 
 segmentation fault. A closed engine therefore keeps its pipeline's memory until the process ends."""
 
 
-def _import_genai():
-    try:
-        import openvino as ov
-        import openvino_genai as genai
-    except ImportError as exc:
-        raise CompactLMError(
-            f"the cpu backend needs openvino and openvino-genai ({exc}); `pip install -e .` installs them"
-        ) from exc
-    return ov, genai
-
-
 def kv_cache_gb(model: dict, limits, kv_precision: str) -> int:
     """KV cache for max_batch_size sequences of max_seq_len tokens, in whole GB (what SchedulerConfig takes)."""
     per_token = 2 * model["num_layers"] * model["num_query_groups"] * model["head_dim"] * KV_BYTES[kv_precision]
@@ -82,7 +79,7 @@ class CpuBackend(Backend):
     description = "OpenVINO GenAI continuous batching on the CPU (the embedded default)"
 
     def check_available(self, config: BuildConfig) -> None:
-        _import_genai()
+        import_genai()
 
     def check_model(self, model_config, config: BuildConfig) -> None:
         if config.tp_size != 1:
@@ -107,8 +104,10 @@ class CpuBackend(Backend):
         info["prefix_caching"] = False
         return info
 
-    def load(self, path: Path, manifest: Manifest) -> Engine:
-        return OpenVINOEngine(path, manifest)
+    load_options = ("recycle", "recycle_above_mb")
+
+    def load(self, path: Path, manifest: Manifest, recycle: bool = False, recycle_above_mb: int | None = None):
+        return OpenVINOEngine(path, manifest, recycle=recycle, recycle_above_mb=recycle_above_mb)
 
 
 def calibration_texts(checkpoint: Checkpoint, config: BuildConfig) -> list[str] | None:
@@ -130,119 +129,160 @@ class OpenVINOEngine(Engine):
     # log-probability only ("any logprobs > 1 is treated as 1"); it cannot score a prompt.
     capabilities = Capabilities(sampling=True, penalties=True, logprobs=True, top_logprobs=0)
 
-    def __init__(self, path: Path, manifest: Manifest, scheduler: dict | None = None, properties: dict | None = None):
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        scheduler: dict | None = None,
+        properties: dict | None = None,
+        recycle: bool = False,
+        recycle_slack_mb: int = 256,
+        recycle_above_mb: int | None = None,
+    ):
         super().__init__(path, manifest)
-        ov, genai = _import_genai()
-        self._ov, self._genai = ov, genai
+        import_genai()
         info = manifest.backend_info
         self.properties = {**info.get("properties", {}), **(properties or {})}
         kv = str(self.properties.get("KV_CACHE_PRECISION", "u8"))
-        config = genai.SchedulerConfig()
-        config.enable_prefix_caching = False
-        config.max_num_seqs = self.limits.max_batch_size
-        config.max_num_batched_tokens = self.limits.max_num_tokens
-        config.dynamic_split_fuse = True
-        config.cache_size = kv_cache_gb(manifest.model, self.limits, kv)
-        for key, value in (scheduler or {}).items():
-            setattr(config, key, value)
-        self.scheduler = config
-        try:
-            self._pipe = genai.ContinuousBatchingPipeline(str(path / "model"), config, "CPU", self.properties)
-            _PIPELINES.append(self._pipe)
-        except RuntimeError as exc:
-            raise CompactLMError(f"OpenVINO could not load the engine in {path}: {str(exc).splitlines()[0]}") from exc
+        self.scheduler = {
+            "enable_prefix_caching": False,
+            "max_num_seqs": self.limits.max_batch_size,
+            "max_num_batched_tokens": self.limits.max_num_tokens,
+            "dynamic_split_fuse": True,
+            "cache_size": kv_cache_gb(manifest.model, self.limits, kv),
+            **(scheduler or {}),
+        }
+        self.recycle = recycle
+        self.recycles = 0
+        """How many times the worker process was replaced."""
+        self.recycle_above = 0
+        """The worker's RSS beyond which it is replaced when idle: `recycle_above_mb`, else its RSS once loaded plus
+        the whole KV cache (which the pipeline touches as requests use it) plus `recycle_slack_mb`."""
+        self._slack = recycle_slack_mb << 20
+        self._above = None if recycle_above_mb is None else recycle_above_mb << 20
+        self._stepper = self._start()
 
-    def _generation_config(self, request):
-        config = self._genai.GenerationConfig()
-        config.max_new_tokens = request.max_new_tokens
-        config.ignore_eos = request.ignore_eos
-        config.min_new_tokens = min(request.min_new_tokens, request.max_new_tokens)
-        config.do_sample = False
+    def _start(self):
+        model_dir = str(self.path / "model")
+        if self.recycle:
+            stepper = WorkerStepper(model_dir, self.scheduler, self.properties)
+            default = stepper.ready_rss + self.scheduler["cache_size"] * 10**9 + self._slack
+            self.recycle_above = default if self._above is None else self._above
+            return stepper
+        _, genai = import_genai()
+        try:
+            pipe = make_pipeline(genai, model_dir, self.scheduler, self.properties)
+        except RuntimeError as exc:
+            raise CompactLMError(
+                f"OpenVINO could not load the engine in {self.path}: {str(exc).splitlines()[0]}"
+            ) from exc
+        _PIPELINES.append(pipe)
+        return Stepper(pipe)
+
+    @property
+    def pipeline(self):
+        """The in-process pipeline (for benchmarks that call OpenVINO GenAI's own API on it)."""
+        if not isinstance(self._stepper, Stepper):
+            raise CompactLMError("this engine runs its pipeline in a worker process")
+        return self._stepper.pipe
+
+    def memory(self) -> int:
+        """Resident bytes of this process and, when recycled, of its worker process."""
+        worker = self._stepper.rss if isinstance(self._stepper, WorkerStepper) else 0
+        return rss_bytes() + worker
+
+    def _settings(self, request) -> dict:
+        """The request's OpenVINO GenerationConfig fields."""
+        settings = {
+            "max_new_tokens": request.max_new_tokens,
+            "ignore_eos": request.ignore_eos,
+            "min_new_tokens": min(request.min_new_tokens, request.max_new_tokens),
+            "do_sample": False,
+        }
         if self.eos_token_ids:
-            config.eos_token_id = self.eos_token_ids[0]
+            settings["eos_token_id"] = self.eos_token_ids[0]
         stop = self.stop_ids(request) or set(self.eos_token_ids)
         if stop:
-            config.stop_token_ids = stop
+            settings["stop_token_ids"] = set(stop)
         sampling = request.sampling
         if sampling is not None:
-            config.do_sample = True
-            config.temperature = sampling.temperature
-            config.top_p = sampling.top_p
+            settings |= {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
             if sampling.top_k:
-                config.top_k = sampling.top_k
+                settings["top_k"] = sampling.top_k
             if sampling.seed is not None:
-                config.rng_seed = sampling.seed % (1 << 32)
-            config.presence_penalty = sampling.presence_penalty
-            config.frequency_penalty = sampling.frequency_penalty
+                settings["rng_seed"] = sampling.seed % (1 << 32)
+            settings["presence_penalty"] = sampling.presence_penalty
+            settings["frequency_penalty"] = sampling.frequency_penalty
         if request.logprobs is not None:
-            config.logprobs = 1
-        return config
+            settings["logprobs"] = 1
+        return settings
 
     def _serve(self) -> None:
-        import numpy as np
-
-        genai = self._genai
-        finished = genai.GenerationStatus.FINISHED
-        running = (genai.GenerationStatus.RUNNING, finished)
-        stop = genai.GenerationFinishReason.STOP
-        active: dict[int, tuple] = {}
+        active: dict[int, object] = {}
         while True:
             for stream in self._drain(block=not active):
-                request = stream.request
-                ids = self._ov.Tensor(np.asarray([request.prompt], dtype=np.int64))
-                try:
-                    handle = self._pipe.add_request(request.id, ids, self._generation_config(request))
-                except RuntimeError as exc:
-                    stream.finish("error", str(exc).splitlines()[0])
-                    continue
-                active[request.id] = (handle, stream, ["length"])
+                if isinstance(self._stepper, WorkerStepper) and not self._stepper.alive:
+                    self._stepper.close()
+                    self._stepper = self._start()  # the worker died: a fresh one for what comes next
+                self._stepper.add(stream.request.id, list(stream.request.prompt), self._settings(stream.request))
+                active[stream.request.id] = stream
             if self._closed.is_set():
-                for handle, stream, _ in active.values():
-                    handle.cancel()
+                for request_id, stream in active.items():
+                    self._stepper.cancel(request_id)
                     stream.finish("cancelled")
                 return
-            if not active:
-                continue
-            for request_id, (handle, stream, _) in list(active.items()):
+            for request_id, stream in list(active.items()):
                 if stream.cancelled:  # its client left: free its slot and its KV cache now
-                    handle.cancel()
+                    self._stepper.cancel(request_id)
                     stream.finish("cancelled")
                     del active[request_id]
             if not active:
+                self._maybe_recycle()
                 continue
-            self._pipe.step()
-            now = time.perf_counter()
-            self._metrics = self._pipe.get_metrics()
-            for request_id, (handle, stream, reason) in list(active.items()):
-                if handle.can_read():
-                    for output in handle.read().values():
-                        if stream.request.logprobs is None:
-                            stream.push(output.generated_ids, now)
-                        else:
-                            logprobs = list(output.generated_log_probs)
-                            top = [{t: p} for t, p in zip(output.generated_ids, logprobs, strict=False)]
-                            stream.push(output.generated_ids, now, logprobs, top if stream.request.logprobs else None)
-                        if output.finish_reason == stop:
-                            reason[0] = "stop"
-                status = handle.get_status()
-                if status not in running:
-                    stream.finish("error", f"OpenVINO dropped the request ({status.name})")
-                    del active[request_id]
-                elif status == finished:
-                    stream.finish(reason[0])
-                    del active[request_id]
+            self._deliver(self._stepper.step(), active)
+            if not active:
+                self._maybe_recycle()
+
+    def _deliver(self, step: Step, active: dict) -> None:
+        now = time.perf_counter()
+        if step.metrics is not None:
+            self._metrics = step.metrics
+        for request_id, ids, logprobs, _ in step.events:
+            stream = active.get(request_id)
+            if stream is None:
+                continue
+            if stream.request.logprobs is None or logprobs is None:
+                stream.push(ids, now)
+            else:
+                top = [{t: p} for t, p in zip(ids, logprobs, strict=False)]
+                stream.push(ids, now, logprobs, top if stream.request.logprobs else None)
+        for request_id, reason, error in step.finished:
+            stream = active.pop(request_id, None)
+            if stream is not None:
+                stream.finish(reason, error)
+
+    def _maybe_recycle(self) -> None:
+        """Idle, with the worker grown past `recycle_above`: replace it (requests that arrive meanwhile wait)."""
+        stepper = self._stepper
+        if isinstance(stepper, WorkerStepper) and stepper.rss > self.recycle_above and self._inbox.empty():
+            stepper.close()
+            self._stepper = self._start()
+            self.recycles += 1
 
     def load(self) -> dict:
         """Running and waiting requests and KV-cache use, as the pipeline reported them after its last step."""
         metrics = getattr(self, "_metrics", None)
         if metrics is None:
             return super().load()
+        scheduled, requests, cache_usage = metrics
         queued = self._inbox.qsize()
         return {
-            "running": metrics.scheduled_requests,
-            "waiting": max(0, metrics.requests - metrics.scheduled_requests) + queued,
-            "kv_cache_usage": metrics.cache_usage / 100.0,
+            "running": scheduled,
+            "waiting": max(0, requests - scheduled) + queued,
+            "kv_cache_usage": cache_usage / 100.0,
         }
 
     def _release(self) -> None:
-        self._pipe = None
+        if isinstance(self._stepper, WorkerStepper):
+            self._stepper.close()
+        self._stepper = None
