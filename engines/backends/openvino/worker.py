@@ -136,19 +136,16 @@ def _child(fd: int) -> None:
         conn.send(("error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         return
     conn.send(("ready", rss_bytes()))
-    while True:
-        messages = [] if stepper.active else [conn.recv()]
-        while conn.poll():
-            messages.append(conn.recv())
-        for message in messages:
-            if message[0] == "add":
-                stepper.add(*message[1:])
-            elif message[0] == "cancel":
-                stepper.cancel(message[1])
-            elif message[0] == "close":
-                os._exit(0)  # never destroy the pipeline (see the module's docstring): the process just ends
-        if stepper.active:
+    while True:  # in lock-step with the parent: it asks for each step, and does its own work while none runs
+        message = conn.recv()
+        if message[0] == "add":
+            stepper.add(*message[1:])
+        elif message[0] == "cancel":
+            stepper.cancel(message[1])
+        elif message[0] == "step":
             conn.send(("step", stepper.step(), rss_bytes()))
+        elif message[0] == "close":
+            os._exit(0)  # never destroy the pipeline (see the module's docstring): the process just ends
 
 
 class WorkerStepper:
@@ -210,23 +207,20 @@ class WorkerStepper:
         return self._process.poll() is None
 
     def step(self) -> Step:
-        """What the worker reported since the last call, waiting for its next step."""
-        events, finished, metrics = [], [], None
-        first = True
-        while first or self._conn.poll():
-            first = False
-            message = self._receive()
-            if message[0] == "died":
-                finished += [(request_id, "error", message[1]) for request_id in sorted(self._sent)]
-                self._sent.clear()
-                break
-            _, step, self.rss = message
-            events += step.events
-            finished += step.finished
-            metrics = step.metrics
-        for request_id, _, _ in finished:
+        """One step of the worker's pipeline (the adds and cancels sent before it included)."""
+        try:
+            self._conn.send(("step",))
+        except (BrokenPipeError, OSError):
+            pass  # reported by the receive below
+        message = self._receive()
+        if message[0] == "died":
+            finished = [(request_id, "error", message[1]) for request_id in sorted(self._sent)]
+            self._sent.clear()
+            return Step([], finished)
+        _, step, self.rss = message
+        for request_id, _, _ in step.finished:
             self._sent.discard(request_id)
-        return Step(events, finished, metrics)
+        return step
 
     def close(self) -> None:
         try:
