@@ -247,7 +247,7 @@ class OpenVINOEngine(Engine):
         now = time.perf_counter()
         if step.metrics is not None:
             self._metrics = step.metrics
-        for request_id, ids, logprobs, _ in step.events:
+        for request_id, ids, logprobs in step.events:
             stream = active.get(request_id)
             if stream is None:
                 continue

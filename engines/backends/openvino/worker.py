@@ -21,8 +21,8 @@ from multiprocessing.connection import Connection
 
 from compactlm.core.errors import CompactLMError
 
-Event = tuple[int, list[int], "list[float] | None", bool]
-"""(request id, new token ids, their log-probabilities or None, whether the request hit a stop token)"""
+Event = tuple[int, list[int], "list[float] | None"]
+"""(request id, new token ids, their log-probabilities or None)"""
 Finish = tuple[int, str, "str | None"]
 """(request id, finish reason: stop | length | error, error message)"""
 
@@ -97,11 +97,10 @@ class Stepper:
         for request_id, (handle, logprobs, reason) in list(self._handles.items()):
             if handle.can_read():
                 for output in handle.read().values():
-                    hit_stop = output.finish_reason == stop
-                    if hit_stop:
+                    if output.finish_reason == stop:
                         reason[0] = "stop"
                     probs = list(output.generated_log_probs) if logprobs else None
-                    events.append((request_id, list(output.generated_ids), probs, hit_stop))
+                    events.append((request_id, list(output.generated_ids), probs))
             status = handle.get_status()
             if status not in running:
                 finished.append((request_id, "error", f"OpenVINO dropped the request ({status.name})"))

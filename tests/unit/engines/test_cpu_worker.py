@@ -24,8 +24,11 @@ def _gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    with open(f"/proc/{pid}/stat") as handle:  # a zombie not reaped yet counts as gone
-        return handle.read().split()[2] == "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as handle:  # a zombie not reaped yet counts as gone
+            return handle.read().split()[2] == "Z"
+    except FileNotFoundError:  # reaped between the two looks
+        return True
 
 
 @pytest.fixture(scope="module")
