@@ -155,19 +155,24 @@ class OpenVINOEngine(Engine):
         self.recycle = recycle
         self.recycles = 0
         """How many times the worker process was replaced."""
+        self.handovers = 0
+        """How many of those replacements happened under load (a new worker loaded beside the busy one)."""
         self.recycle_above = 0
         """The worker's RSS beyond which it is replaced when idle: `recycle_above_mb`, else its RSS once loaded plus
         the whole KV cache (which the pipeline touches as requests use it) plus `recycle_slack_mb`."""
         self._slack = recycle_slack_mb << 20
         self._above = None if recycle_above_mb is None else recycle_above_mb << 20
+        self._pending: WorkerStepper | None = None  # a replacement loading beside a busy worker
+        self._draining: tuple | None = None  # (old worker, its streams) finishing after a replacement took over
+        self._replace_failed = False
         self._stepper = self._start()
 
-    def _start(self):
+    def _start(self, wait: bool = True):
         model_dir = str(self.path / "model")
         if self.recycle:
-            stepper = WorkerStepper(model_dir, self.scheduler, self.properties)
-            default = stepper.ready_rss + self.scheduler["cache_size"] * 10**9 + self._slack
-            self.recycle_above = default if self._above is None else self._above
+            stepper = WorkerStepper(model_dir, self.scheduler, self.properties, wait=wait)
+            if wait:
+                self._bound(stepper)
             return stepper
         _, genai = import_genai()
         try:
@@ -179,6 +184,11 @@ class OpenVINOEngine(Engine):
         _PIPELINES.append(pipe)
         return Stepper(pipe)
 
+    def _bound(self, stepper: WorkerStepper) -> None:
+        """The RSS beyond which a worker that has just loaded (and becomes the current one) will be replaced."""
+        default = stepper.ready_rss + self.scheduler["cache_size"] * 10**9 + self._slack
+        self.recycle_above = default if self._above is None else self._above
+
     @property
     def pipeline(self):
         """The in-process pipeline (for benchmarks that call OpenVINO GenAI's own API on it)."""
@@ -187,9 +197,9 @@ class OpenVINOEngine(Engine):
         return self._stepper.pipe
 
     def memory(self) -> int:
-        """Resident bytes of this process and, when recycled, of its worker process."""
-        worker = self._stepper.rss if isinstance(self._stepper, WorkerStepper) else 0
-        return rss_bytes() + worker
+        """Resident bytes of this process and, when recycled, of its worker processes (two during a replacement)."""
+        workers = (self._stepper, self._pending, self._draining[0] if self._draining else None)
+        return rss_bytes() + sum(w.rss for w in workers if isinstance(w, WorkerStepper))
 
     def _settings(self, request) -> dict:
         """The request's OpenVINO GenerationConfig fields."""
@@ -218,30 +228,45 @@ class OpenVINOEngine(Engine):
         return settings
 
     def _serve(self) -> None:
-        active: dict[int, object] = {}
+        active: dict[int, object] = {}  # request id -> stream, on the current stepper
         while True:
-            for stream in self._drain(block=not active):
+            self._swap_if_ready(active)
+            draining = self._draining[1] if self._draining else {}
+            for stream in self._drain(block=not active and not draining):
                 if isinstance(self._stepper, WorkerStepper) and not self._stepper.alive:
                     self._stepper.close()
                     self._stepper = self._start()  # the worker died: a fresh one for what comes next
                 self._stepper.add(stream.request.id, list(stream.request.prompt), self._settings(stream.request))
                 active[stream.request.id] = stream
+            lanes = [(self._stepper, active)] + ([self._draining] if self._draining else [])
             if self._closed.is_set():
-                for request_id, stream in active.items():
-                    self._stepper.cancel(request_id)
-                    stream.finish("cancelled")
+                for stepper, streams in lanes:
+                    for request_id, stream in streams.items():
+                        stepper.cancel(request_id)
+                        stream.finish("cancelled")
+                if self._pending is not None:
+                    self._pending.close()
                 return
-            for request_id, stream in list(active.items()):
-                if stream.cancelled:  # its client left: free its slot and its KV cache now
-                    self._stepper.cancel(request_id)
-                    stream.finish("cancelled")
-                    del active[request_id]
-            if not active:
-                self._maybe_recycle()
-                continue
-            self._deliver(self._stepper.step(), active)
-            if not active:
-                self._maybe_recycle()
+            for stepper, streams in lanes:
+                for request_id, stream in list(streams.items()):
+                    if stream.cancelled:  # its client left: free its slot and its KV cache now
+                        stepper.cancel(request_id)
+                        stream.finish("cancelled")
+                        del streams[request_id]
+            lanes = [(stepper, streams) for stepper, streams in lanes if streams]
+            if len(lanes) == 2:  # the old worker finishes its requests while the new one runs the newer ones
+                for stepper, _ in lanes:
+                    stepper.send_step()
+                for stepper, streams in lanes:
+                    self._deliver(stepper.read_step(), streams)
+            elif lanes:
+                self._deliver(lanes[0][0].step(), lanes[0][1])
+            if self._draining and not self._draining[1]:
+                self._draining[0].close()
+                self._draining = None
+                self.recycles += 1
+                self.handovers += 1
+            self._maybe_recycle(busy=bool(active))
 
     def _deliver(self, step: Step, active: dict) -> None:
         now = time.perf_counter()
@@ -261,13 +286,41 @@ class OpenVINOEngine(Engine):
             if stream is not None:
                 stream.finish(reason, error)
 
-    def _maybe_recycle(self) -> None:
-        """Idle, with the worker grown past `recycle_above`: replace it (requests that arrive meanwhile wait)."""
+    def _maybe_recycle(self, busy: bool) -> None:
+        """Replace a worker grown past `recycle_above`. Idle: at once (requests that arrive meanwhile wait for the new
+        one to load). Busy: a new worker loads beside it, takes the requests that come once it is ready, and the old
+        one exits when it has finished its own (memory holds both for that while)."""
         stepper = self._stepper
-        if isinstance(stepper, WorkerStepper) and stepper.rss > self.recycle_above and self._inbox.empty():
+        if not isinstance(stepper, WorkerStepper) or stepper.rss <= self.recycle_above or self._draining:
+            return
+        if not busy and self._inbox.empty():
+            fresh, self._pending = self._pending, None
+            try:
+                fresh = fresh if fresh is not None and fresh.ready(timeout=300) else None
+            except CompactLMError:  # the replacement that was loading failed: a fresh try below
+                fresh = None
             stepper.close()
-            self._stepper = self._start()
+            if fresh is not None:
+                self._bound(fresh)
+            self._stepper = fresh or self._start()
             self.recycles += 1
+        elif self._pending is None and not self._replace_failed:
+            self._pending = self._start(wait=False)
+
+    def _swap_if_ready(self, active: dict) -> None:
+        """A replacement worker that has loaded becomes the current one; the old one is drained."""
+        if self._pending is None or self._draining:
+            return
+        try:
+            ready = self._pending.ready()
+        except CompactLMError:  # it could not load: keep the old worker, and do not try again while busy
+            self._pending, self._replace_failed = None, True
+            return
+        if ready:
+            self._draining = (self._stepper, dict(active))
+            active.clear()
+            self._stepper, self._pending = self._pending, None
+            self._bound(self._stepper)
 
     def load(self) -> dict:
         """Running and waiting requests and KV-cache use, as the pipeline reported them after its last step."""
@@ -283,6 +336,7 @@ class OpenVINOEngine(Engine):
         }
 
     def _release(self) -> None:
-        if isinstance(self._stepper, WorkerStepper):
-            self._stepper.close()
-        self._stepper = None
+        for stepper in (self._stepper, self._pending, self._draining and self._draining[0]):
+            if isinstance(stepper, WorkerStepper):
+                stepper.close()
+        self._stepper = self._pending = self._draining = None

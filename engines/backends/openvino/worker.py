@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -150,7 +151,8 @@ def _child(fd: int) -> None:
 class WorkerStepper:
     """The pipeline in a worker process: the same `add`, `cancel`, `step` as `Stepper`, plus the worker's memory."""
 
-    def __init__(self, model_dir: str, scheduler: dict, properties: dict, timeout: float = 300):
+    def __init__(self, model_dir: str, scheduler: dict, properties: dict, timeout: float = 300, wait: bool = True):
+        """Start the worker; with `wait`, return once it has loaded the engine, else `ready()` says when it has."""
         from compactlm.core import procs
 
         ours, theirs = socket.socketpair()
@@ -164,14 +166,27 @@ class WorkerStepper:
         self._conn = Connection(ours.detach())
         self._sent: set[int] = set()
         self._conn.send((model_dir, scheduler, properties))
-        if not self._conn.poll(timeout):
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
+        self.ready_rss = self.rss = 0
+        if wait:
+            self.ready(timeout)
+
+    def ready(self, timeout: float = 0) -> bool:
+        """Whether the worker has loaded the engine (waiting up to `timeout` s); a failed or late load raises."""
+        if self.ready_rss:
+            return True
+        if not self._conn.poll(max(0.0, min(timeout, self._deadline - time.monotonic()))):
+            if time.monotonic() < self._deadline:
+                return False
             self.close()
-            raise CompactLMError(f"the OpenVINO worker did not load the engine within {timeout:.0f} s")
+            raise CompactLMError(f"the OpenVINO worker did not load the engine within {self._timeout:.0f} s")
         kind, value = self._receive()
         if kind != "ready":
             self.close()
             raise CompactLMError(f"OpenVINO could not load the engine in its worker process: {value}")
         self.ready_rss = self.rss = int(value)
+        return True
 
     @property
     def pid(self) -> int:
@@ -207,10 +222,17 @@ class WorkerStepper:
 
     def step(self) -> Step:
         """One step of the worker's pipeline (the adds and cancels sent before it included)."""
+        self.send_step()
+        return self.read_step()
+
+    def send_step(self) -> None:
+        """Ask for a step without waiting for it (`read_step` collects it): two workers can step at once."""
         try:
             self._conn.send(("step",))
         except (BrokenPipeError, OSError):
-            pass  # reported by the receive below
+            pass  # reported by read_step
+
+    def read_step(self) -> Step:
         message = self._receive()
         if message[0] == "died":
             finished = [(request_id, "error", message[1]) for request_id in sorted(self._sent)]

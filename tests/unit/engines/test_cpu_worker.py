@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -98,3 +99,32 @@ def test_options_a_backend_does_not_take_are_ignored(engine_dir, tmp_path):
     torch_dir = build_engine(engine_dir["ckpt"], tmp_path / "torch", BuildConfig(backend="torch", limits=LIMITS))
     with load_engine(torch_dir, recycle=True) as engine:
         assert [c.tokens for c in engine.generate(engine_dir["prompts"], 16, ignore_eos=True)] == engine_dir["want"]
+
+
+def test_a_grown_worker_that_is_never_idle_hands_over_to_a_new_one_without_losing_a_request(engine_dir):
+    prompts, want = engine_dir["prompts"], engine_dir["want"]
+    done, stop = [], threading.Event()
+    with load_engine(engine_dir["dir"], recycle=True, recycle_above_mb=1) as engine:  # always past its bound
+        first = engine._stepper.pid
+
+        def client(k: int) -> None:  # four clients, each sending its next request as its last one ends
+            n = 0
+            while not stop.is_set():
+                length = 10 + (7 * k + 13 * n) % 50  # lengths that differ, so the engine is (almost) never idle
+                done.append((k, length, engine.submit(Request(tuple(prompts[k]), length, True)).result(timeout=60)))
+                n += 1
+
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for thread in clients:
+            thread.start()
+        deadline = time.monotonic() + 90
+        while engine.handovers == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=120)
+        assert engine.handovers >= 1 and engine._stepper.pid != first
+        assert _gone(first)  # the old worker exited once it had finished its requests
+        assert done and all(c.error is None and len(c.tokens) == n for _, n, c in done), [c.error for *_, c in done]
+        assert all(c.tokens[:16] == want[k][:n] for k, n, c in done)  # greedy: a prefix of the 16-token answer
+        assert [c.tokens for c in engine.generate(prompts, 16, ignore_eos=True)] == want
