@@ -342,6 +342,15 @@ class Engine(ABC):
         running = min(outstanding, self.limits.max_batch_size)
         return {"running": running, "waiting": outstanding - running}
 
+    recycles = 0
+    """How many times the engine replaced the process that runs its model (the cpu backend's recycled worker)."""
+
+    def memory(self) -> int:
+        """Resident bytes the engine holds: this process's, plus any worker process of its own."""
+        from compactlm.core.host import rss_bytes
+
+        return rss_bytes()
+
     def stop_ids(self, request: Request) -> set[int]:
         """The token ids that end `request` (none when it ignores EOS)."""
         return set() if request.ignore_eos else set(self.eos_token_ids) | set(request.stop_token_ids)

@@ -1,7 +1,8 @@
 """Prometheus metrics of the OpenAI front (`GET /metrics`), named like vLLM's and trtllm-serve's so that the
 dashboards and scrapers people have (AIPerf, Grafana boards) find their counterparts: requests by route and
 status, finished requests by reason, prompt and generation token counters, TTFT / inter-token / end-to-end
-latency histograms, and the engine's running and waiting requests and KV-cache use (read when scraped).
+latency histograms, the engine's running and waiting requests and KV-cache use, its resident memory and, for a
+recycled cpu engine, how often its worker was replaced (read when scraped).
 
 Each server has its own registry: two servers in one process (the tests) never share counters.
 """
@@ -52,6 +53,10 @@ class ServeMetrics:
         if "kv_cache_usage" in engine.load():
             kv = Gauge(PREFIX + "kv_cache_usage_perc", "KV cache in use (1 = full)", ["model_name"], **kw)
             kv.labels(**labels).set_function(lambda: engine.load().get("kv_cache_usage", 0.0))
+        memory = Gauge(PREFIX + "engine_resident_memory_bytes", "Resident memory of the engine's processes", **kw)
+        memory.set_function(engine.memory)
+        if getattr(engine, "recycle", False):
+            self.registry.register(_Replacements(engine))
         # children made once: a labelled lookup per token would cost more than the observation
         self._ttft, self._itl, self._e2e = (h.labels(**labels) for h in (self.ttft, self.itl, self.e2e))
         self._prompt, self._generated = self.prompt_tokens.labels(**labels), self.generation_tokens.labels(**labels)
@@ -74,3 +79,19 @@ class ServeMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Replacements:
+    """`compactlm:engine_worker_replacements_total`: a counter the engine keeps (read when scraped)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            PREFIX + "engine_worker_replacements", "Times the engine replaced its grown worker process"
+        )
+        family.add_metric([], self.engine.recycles)
+        yield family

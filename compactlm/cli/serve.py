@@ -73,8 +73,9 @@ def start(
     recycle: Annotated[
         bool,
         typer.Option(
-            help="cpu engines: run the pipeline in a worker process, replaced when idle once it has grown past "
-            "model + KV cache + 256 MB (--no-recycle: in the server's own process)."
+            help="cpu engines: run the pipeline in a worker process, replaced once it has grown past model + KV "
+            "cache + 256 MB (idle: at once; busy: a new worker takes over beside it) (--no-recycle: in the server's "
+            "own process)."
         ),
     ] = True,
 ) -> None:

@@ -71,6 +71,15 @@ def cpu_bf16() -> str | None:
     return next((name for name in ("amx_bf16", "avx512_bf16") if name in flags), None)
 
 
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def gpu_model() -> str | None:
     try:
         import torch

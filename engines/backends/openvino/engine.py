@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compactlm.core.errors import CompactLMError
+from compactlm.core.host import rss_bytes
 from compactlm.engines.backend import Backend
 from compactlm.engines.backends.openvino.worker import (
     Step,
@@ -31,7 +32,6 @@ from compactlm.engines.backends.openvino.worker import (
     WorkerStepper,
     import_genai,
     make_pipeline,
-    rss_bytes,
 )
 from compactlm.engines.config import BuildConfig
 from compactlm.engines.manifest import Manifest

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from compactlm.core.errors import CompactLMError
+from compactlm.core.host import rss_bytes
 
 Event = tuple[int, list[int], "list[float] | None"]
 """(request id, new token ids, their log-probabilities or None)"""
@@ -111,15 +112,6 @@ class Stepper:
                 del self._handles[request_id]
         m = self.pipe.get_metrics()
         return Step(events, finished, (m.scheduled_requests, m.requests, m.cache_usage))
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident memory of a process (Linux /proc; 0 where it cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _child(fd: int) -> None:

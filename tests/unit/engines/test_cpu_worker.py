@@ -14,6 +14,7 @@ import pytest
 from compactlm.engines import BuildConfig, Limits, Request, build_engine, load_engine
 from compactlm.engines.backends.openvino.export import is_ready
 from compactlm.engines.runtime import Sampling
+from compactlm.serve.metrics import ServeMetrics
 from tests.helpers import hf_greedy, random_tokens, tiny_model
 
 pytestmark = pytest.mark.skipif(not is_ready(), reason="the OpenVINO exporter venv is not set up")
@@ -128,3 +129,7 @@ def test_a_grown_worker_that_is_never_idle_hands_over_to_a_new_one_without_losin
         assert done and all(c.error is None and len(c.tokens) == n for _, n, c in done), [c.error for *_, c in done]
         assert all(c.tokens[:16] == want[k][:n] for k, n, c in done)  # greedy: a prefix of the 16-token answer
         assert [c.tokens for c in engine.generate(prompts, 16, ignore_eos=True)] == want
+        page = ServeMetrics(engine, "tiny").render()[0].decode()  # what a scrape of `compactlm serve` shows
+        assert f"compactlm:engine_worker_replacements_total {float(engine.recycles)}" in page
+        resident = next(float(line.split()[1]) for line in page.splitlines() if line.startswith("compactlm:engine_res"))
+        assert resident >= engine._stepper.rss > 0  # the server's process and its worker
