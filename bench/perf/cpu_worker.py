@@ -34,17 +34,25 @@ def child(engine_dir: str, recycle: bool, batches: list[int], isl: int, osl: int
     with load_engine(engine_dir, recycle=recycle) as engine:
         vocab = engine.manifest.model.get("vocab_size") or 1000
 
+        overhead: dict[str, float] = {}
+
         def run(batch: int) -> float:
             prompts = rng.integers(0, vocab, (batch, isl)).tolist()
+            worker = engine.worker
+            if worker is not None:
+                worker.steps, worker.step_seconds, worker.wait_seconds = 0, 0.0, 0.0
             start = time.perf_counter()
             completions = engine.generate(prompts, osl, ignore_eos=True)
             elapsed = time.perf_counter() - start
             if any(len(c.tokens) != osl or c.error for c in completions):
                 raise RuntimeError("a request did not produce its tokens")
+            if worker is not None and worker.steps:  # the share of each step's wait the process boundary cost
+                overhead[str(batch)] = (worker.wait_seconds - worker.step_seconds) / worker.wait_seconds
             return batch * osl / elapsed
 
         run(2)
-        return {str(b): run(b) for b in batches}
+        rates = {str(b): run(b) for b in batches}
+        return {"rates": rates, "boundary_share": overhead}
 
 
 def main() -> None:
@@ -64,6 +72,7 @@ def main() -> None:
         print(json.dumps(rates))
         return
     rates: dict[tuple[str, int], list[float]] = {}
+    boundary: dict[int, list[float]] = {}  # batch -> share of the parent's step wait spent outside the worker
     for repeat in range(args.repeats):
         for mode in ("process", "worker"):
             command = [sys.executable, "-m", "compactlm.bench.perf.cpu_worker", args.engine, "--child", mode]
@@ -72,9 +81,12 @@ def main() -> None:
             run = subprocess.run(command, capture_output=True, text=True, check=False)
             if run.returncode:
                 raise SystemExit(f"{mode}: the child failed:\n{run.stderr[-2000:]}")
-            result = json.loads(run.stdout.strip().splitlines()[-1])
+            reply = json.loads(run.stdout.strip().splitlines()[-1])
+            result = reply["rates"]
             for b in batches:
                 rates.setdefault((mode, b), []).append(result[str(b)])
+                if str(b) in reply["boundary_share"]:
+                    boundary.setdefault(b, []).append(reply["boundary_share"][str(b)])
             print(f"repeat {repeat + 1} {mode:<8} " + "  ".join(f"batch {b} {result[str(b)]:.1f}" for b in batches))
     median = {key: statistics.median(values) for key, values in rates.items()}
     print(f"\noutput tokens/s, ISL/OSL {args.isl}/{args.osl}, median of {args.repeats}")
@@ -82,6 +94,11 @@ def main() -> None:
         print(f"{mode:<10}" + "".join(f"{'batch ' + str(b):>10} {median[(mode, b)]:7.1f}" for b in batches))
     costs = {b: 1 - median[("worker", b)] / median[("process", b)] for b in batches}
     print("worker cost (positive = slower): " + ", ".join(f"batch {b} {c * 100:+.1f}%" for b, c in costs.items()))
+    crossing = {b: statistics.median(v) for b, v in boundary.items()}
+    print(
+        "of which the process boundary (the parent's wait for a step beyond the worker's time in it): "
+        + ", ".join(f"batch {b} {crossing[b] * 100:.1f}% of a step" for b in crossing)
+    )
     if args.out:
         report = {
             "engine": args.engine,
@@ -94,6 +111,7 @@ def main() -> None:
                 for b in batches
             ],
             "worker_cost": {str(b): round(c, 4) for b, c in costs.items()},
+            "boundary_share": {str(b): v for b, v in boundary.items()},
             "environment": environment(),
         }
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -196,6 +196,11 @@ class OpenVINOEngine(Engine):
             raise CompactLMError("this engine runs its pipeline in a worker process")
         return self._stepper.pipe
 
+    @property
+    def worker(self) -> WorkerStepper | None:
+        """The worker process running the pipeline now (None in process): its pid, RSS and step timings."""
+        return self._stepper if isinstance(self._stepper, WorkerStepper) else None
+
     def memory(self) -> int:
         """Resident bytes of this process and, when recycled, of its worker processes (two during a replacement)."""
         workers = (self._stepper, self._pending, self._draining[0] if self._draining else None)

@@ -35,6 +35,8 @@ class Step:
     finished: list[Finish]
     metrics: tuple[int, int, float] | None = None
     """(scheduled requests, requests, KV-cache use in %) after the step, as the pipeline reports them."""
+    seconds: float = 0.0
+    """Time the step took where the pipeline runs (the pipeline's step and reading its outputs)."""
 
 
 def import_genai():
@@ -92,6 +94,7 @@ class Stepper:
         finished_status = genai.GenerationStatus.FINISHED
         running = (genai.GenerationStatus.RUNNING, finished_status)
         stop = genai.GenerationFinishReason.STOP
+        started = time.perf_counter()
         finished, self._failed = self._failed, []
         if self._handles:
             self.pipe.step()
@@ -111,7 +114,7 @@ class Stepper:
                 finished.append((request_id, reason[0], None))
                 del self._handles[request_id]
         m = self.pipe.get_metrics()
-        return Step(events, finished, (m.scheduled_requests, m.requests, m.cache_usage))
+        return Step(events, finished, (m.scheduled_requests, m.requests, m.cache_usage), time.perf_counter() - started)
 
 
 def _child(fd: int) -> None:
@@ -158,6 +161,10 @@ class WorkerStepper:
         self._conn = Connection(ours.detach())
         self._sent: set[int] = set()
         self._conn.send((model_dir, scheduler, properties))
+        self.steps, self.step_seconds, self.wait_seconds = 0, 0.0, 0.0
+        """Steps run, seconds the worker spent in them, seconds the parent waited for them (the difference is what
+        the process boundary costs: messages and wake-ups)."""
+        self._asked = 0.0
         self._deadline = time.monotonic() + timeout
         self._timeout = timeout
         self.ready_rss = self.rss = 0
@@ -219,6 +226,7 @@ class WorkerStepper:
 
     def send_step(self) -> None:
         """Ask for a step without waiting for it (`read_step` collects it): two workers can step at once."""
+        self._asked = time.perf_counter()
         try:
             self._conn.send(("step",))
         except (BrokenPipeError, OSError):
@@ -231,6 +239,9 @@ class WorkerStepper:
             self._sent.clear()
             return Step([], finished)
         _, step, self.rss = message
+        self.steps += 1
+        self.step_seconds += step.seconds
+        self.wait_seconds += time.perf_counter() - self._asked
         for request_id, _, _ in step.finished:
             self._sent.discard(request_id)
         return step
