@@ -51,6 +51,9 @@ class Backend(ABC):
     def build(self, checkpoint: Checkpoint, out: Path, config: BuildConfig) -> dict:
         """Write the engine files into `out` (a fresh temp folder); return backend details for the manifest."""
 
+    takes_draft = False
+    """Whether `BuildConfig.draft` (a speculative-decoding draft model) is supported."""
+
     load_options: tuple[str, ...] = ()
     """Keyword options this backend's `load` takes (`load_engine` passes on only these)."""
 

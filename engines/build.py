@@ -75,6 +75,8 @@ def build_engine(
     checkpoint = inspect_checkpoint(checkpoint)
     path, model_config = checkpoint.path, checkpoint.config
     check_limits(model_config, config)
+    if config.draft is not None and not backend.takes_draft:
+        raise CompactLMError(f"the {backend.name} backend takes no draft model (--draft): the cpu backend does")
     backend.check_available(config)
     backend.check_model(model_config, config)
     if checkpoint.quantized is not None:

@@ -67,6 +67,14 @@ class Limits:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+MAX_DRAFT_TOKENS = 16
+
+
+def check_draft_tokens(value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DRAFT_TOKENS:
+        raise CompactLMError(f"draft tokens must be an integer in 1..{MAX_DRAFT_TOKENS}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Settings of one engine build. `precision=None` takes the backend's default."""
@@ -85,6 +93,11 @@ class BuildConfig:
     bench_batches: tuple[int, ...] = ()
     """trtllm: the (ISL, OSL) shapes and batch sizes the engine is sized for (a sweep's, with --for-sweep), for the
     trtllm-bench command lines; empty: one shape that fits the limits, at the largest batch."""
+    draft: str | None = None
+    """cpu: a checkpoint (path or bundled name) of a smaller model with the same vocabulary, built beside the engine
+    as its speculative-decoding draft (OpenVINO GenAI proposes `draft_tokens` tokens with it, the model verifies)."""
+    draft_tokens: int = 3
+    """Tokens the draft proposes per step (OpenVINO GenAI's num_assistant_tokens)."""
     fuse_qkv: bool | None = None
     """cpu: one q/k/v matmul per layer instead of three (exact). None: where it measured faster (int8/int4
     weights); True/False force it (False keeps the stock export, which benchmarks compare against)."""
@@ -96,5 +109,6 @@ class BuildConfig:
             self.limits.check_request(isl, osl)
         if any(b < 1 or b > self.limits.max_batch_size for b in self.bench_batches):
             raise CompactLMError(f"bench batch sizes {self.bench_batches} must lie in 1..{self.limits.max_batch_size}")
+        check_draft_tokens(self.draft_tokens)
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise CompactLMError("calibration needs at least 1 sample of at least 2 tokens")

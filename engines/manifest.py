@@ -47,7 +47,12 @@ class Manifest:
     def describe(self) -> str:
         params = self.model.get("params")
         size = f"{params / 1e6:.1f}M params, " if params else ""
-        return f"{self.backend}/{self.precision} ({size}{self.model.get('num_layers', '?')} layers)"
+        text = f"{self.backend}/{self.precision} ({size}{self.model.get('num_layers', '?')} layers)"
+        draft = self.backend_info.get("draft")
+        if draft:
+            model = draft.get("model", {})
+            text += f" + draft ({model.get('params', 0) / 1e6:.1f}M params, {model.get('num_layers', '?')} layers)"
+        return text
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:

@@ -53,6 +53,14 @@ def build(
     ] = "python-docs",
     calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu: a smaller checkpoint with the same vocabulary (a student of CHECKPOINT) built beside it as "
+            "its speculative-decoding draft."
+        ),
+    ] = None,
+    draft_tokens: Annotated[int, typer.Option(help="cpu: tokens the draft proposes per step.")] = 3,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Compile CHECKPOINT into an engine folder OUT, with engine.json beside the engine files."""
@@ -82,6 +90,8 @@ def build(
         calib_dataset=calib_data,
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
+        draft=draft,
+        draft_tokens=draft_tokens,
         **({"bench_shapes": shapes, "bench_batches": batches} if backend == "trtllm" else {}),
     )
     start = time.perf_counter()

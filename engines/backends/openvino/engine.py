@@ -81,6 +81,8 @@ class CpuBackend(Backend):
     def check_available(self, config: BuildConfig) -> None:
         import_genai()
 
+    takes_draft = True
+
     def check_model(self, model_config, config: BuildConfig) -> None:
         if config.tp_size != 1:
             raise CompactLMError("the cpu backend runs on one device: tp_size must be 1")
@@ -88,6 +90,12 @@ class CpuBackend(Backend):
             from compactlm.engines.backends.openvino.export import int4_group_size
 
             int4_group_size(model_config)
+        if config.draft is not None:
+            from compactlm.engines.backends.openvino.draft import check_draft_checkpoint
+
+            draft = check_draft_checkpoint(model_config, config)
+            if config.precision == "int4":
+                int4_group_size(draft.config)
 
     def build(self, checkpoint: Checkpoint, out: Path, config: BuildConfig) -> dict:
         from compactlm.engines.backends.openvino.export import export_openvino
@@ -102,12 +110,26 @@ class CpuBackend(Backend):
         info["fused_qkv_layers"] = fuse_ir(out / "model" / "openvino_model.xml")["groups"] if fuse else 0
         info["properties"] = properties
         info["prefix_caching"] = False
+        if config.draft is not None:
+            from compactlm.engines.backends.openvino.draft import build_draft, check_draft_checkpoint
+
+            info["draft"] = build_draft(check_draft_checkpoint(checkpoint.config, config), out, weight_format, config)
         return info
 
-    load_options = ("recycle", "recycle_above_mb")
+    load_options = ("recycle", "recycle_above_mb", "draft", "draft_tokens")
 
-    def load(self, path: Path, manifest: Manifest, recycle: bool = False, recycle_above_mb: int | None = None):
-        return OpenVINOEngine(path, manifest, recycle=recycle, recycle_above_mb=recycle_above_mb)
+    def load(
+        self,
+        path: Path,
+        manifest: Manifest,
+        recycle: bool = False,
+        recycle_above_mb: int | None = None,
+        draft: str | Path | None = None,
+        draft_tokens: int | None = None,
+    ):
+        return OpenVINOEngine(
+            path, manifest, recycle=recycle, recycle_above_mb=recycle_above_mb, draft=draft, draft_tokens=draft_tokens
+        )
 
 
 def calibration_texts(checkpoint: Checkpoint, config: BuildConfig) -> list[str] | None:
@@ -138,11 +160,17 @@ class OpenVINOEngine(Engine):
         recycle: bool = False,
         recycle_slack_mb: int = 256,
         recycle_above_mb: int | None = None,
+        draft: str | Path | None = None,
+        draft_tokens: int | None = None,
     ):
+        from compactlm.engines.backends.openvino.draft import resolve_draft
+
         super().__init__(path, manifest)
         import_genai()
         info = manifest.backend_info
         self.properties = {**info.get("properties", {}), **(properties or {})}
+        self.draft = resolve_draft(self.path, manifest, self.properties, draft, draft_tokens)
+        """The speculative-decoding draft the pipeline runs with (None: none)."""
         kv = str(self.properties.get("KV_CACHE_PRECISION", "u8"))
         self.scheduler = {
             "enable_prefix_caching": False,
@@ -170,13 +198,13 @@ class OpenVINOEngine(Engine):
     def _start(self, wait: bool = True):
         model_dir = str(self.path / "model")
         if self.recycle:
-            stepper = WorkerStepper(model_dir, self.scheduler, self.properties, wait=wait)
+            stepper = WorkerStepper(model_dir, self.scheduler, self.properties, self.draft, wait=wait)
             if wait:
                 self._bound(stepper)
             return stepper
         _, genai = import_genai()
         try:
-            pipe = make_pipeline(genai, model_dir, self.scheduler, self.properties)
+            pipe = make_pipeline(genai, model_dir, self.scheduler, self.properties, self.draft)
         except RuntimeError as exc:
             raise CompactLMError(
                 f"OpenVINO could not load the engine in {self.path}: {str(exc).splitlines()[0]}"
@@ -230,6 +258,8 @@ class OpenVINOEngine(Engine):
             settings["frequency_penalty"] = sampling.frequency_penalty
         if request.logprobs is not None:
             settings["logprobs"] = 1
+        if self.draft is not None:
+            settings["num_assistant_tokens"] = self.draft.tokens
         return settings
 
     def _serve(self) -> None:

@@ -50,10 +50,13 @@ def import_genai():
     return ov, genai
 
 
-def make_pipeline(genai, model_dir: str, scheduler: dict, properties: dict):
+def make_pipeline(genai, model_dir: str, scheduler: dict, properties: dict, draft=None):
+    """The pipeline; `draft` (engines/backends/openvino/draft.py's Draft) adds a speculative-decoding draft model."""
     config = genai.SchedulerConfig()
     for key, value in scheduler.items():
         setattr(config, key, value)
+    if draft is not None:
+        properties = {**properties, "draft_model": genai.draft_model(draft.model_dir, "CPU", **draft.properties)}
     return genai.ContinuousBatchingPipeline(model_dir, config, "CPU", properties)
 
 
@@ -123,10 +126,10 @@ def _child(fd: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     conn = Connection(fd)
-    model_dir, scheduler, properties = conn.recv()
+    model_dir, scheduler, properties, draft = conn.recv()
     _, genai = import_genai()
     try:
-        stepper = Stepper(make_pipeline(genai, model_dir, scheduler, properties))
+        stepper = Stepper(make_pipeline(genai, model_dir, scheduler, properties, draft))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
         conn.send(("error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         return
@@ -146,7 +149,9 @@ def _child(fd: int) -> None:
 class WorkerStepper:
     """The pipeline in a worker process: the same `add`, `cancel`, `step` as `Stepper`, plus the worker's memory."""
 
-    def __init__(self, model_dir: str, scheduler: dict, properties: dict, timeout: float = 300, wait: bool = True):
+    def __init__(
+        self, model_dir: str, scheduler: dict, properties: dict, draft=None, timeout: float = 300, wait: bool = True
+    ):
         """Start the worker; with `wait`, return once it has loaded the engine, else `ready()` says when it has."""
         from compactlm.core import procs
 
@@ -160,7 +165,7 @@ class WorkerStepper:
         theirs.close()
         self._conn = Connection(ours.detach())
         self._sent: set[int] = set()
-        self._conn.send((model_dir, scheduler, properties))
+        self._conn.send((model_dir, scheduler, properties, draft))
         self.steps, self.step_seconds, self.wait_seconds = 0, 0.0, 0.0
         """Steps run, seconds the worker spent in them, seconds the parent waited for them (the difference is what
         the process boundary costs: messages and wake-ups)."""

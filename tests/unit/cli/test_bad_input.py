@@ -151,6 +151,9 @@ CASES = {  # command lines, split on spaces; {work}, {teacher}, ... are the fixt
     "build: unknown precision": "engines build {teacher} {work}/e --backend torch --precision fp64",
     "build: beyond positions": "engines build {teacher} {work}/e --backend torch --max-seq-len 4096",
     "build: no such model": "engines build {work}/nope {work}/e",
+    "build: no such draft": "engines build {teacher} {work}/e --max-seq-len 128 --draft {work}/nope",
+    "build: draft tokens 0": "engines build {teacher} {work}/e --max-seq-len 128 --draft {student} --draft-tokens 0",
+    "build: draft on torch": "engines build {teacher} {work}/e --backend torch --max-seq-len 128 --draft {student}",
     "info: not an engine": "engines info {work}/not-an-engine",
     "generate: no such engine": "engines generate {work}/nope -p hi",
     # bench
