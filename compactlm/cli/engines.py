@@ -101,7 +101,9 @@ def build(
 
     manifest = read_manifest(path)
     console.print(
-        f"[green]built[/] {manifest.describe()} in {time.perf_counter() - start:.1f} s -> {path}", highlight=False
+        f"[green]built[/] {manifest.describe()} in {time.perf_counter() - start:.1f} s -> {path}",
+        highlight=False,
+        soft_wrap=True,
     )
     notice = manifest.backend_info.get("notice")
     if notice:
