@@ -58,17 +58,18 @@ def check_draft_checkpoint(model_config, config: BuildConfig):
     return draft
 
 
-def build_draft(draft_checkpoint, out: Path, weight_format: str, config: BuildConfig) -> dict:
-    """Export the draft into OUT/draft with the engine's weight format; the manifest's record of it."""
-    from compactlm.engines.backends.openvino.engine import calibration_texts, fuses_qkv
+def build_draft(
+    draft_checkpoint, out: Path, weight_format: str, config: BuildConfig, calibration: list[str] | None, fuse: bool
+) -> dict:
+    """Export the draft into OUT/draft with the engine's weight format (int4: AWQ on `calibration`, its text; `fuse`:
+    q/k/v fused as the model's are); the manifest's record of it."""
     from compactlm.engines.backends.openvino.export import export_openvino
     from compactlm.engines.backends.openvino.fuse import fuse_ir
     from compactlm.engines.build import model_summary
 
-    calibration = calibration_texts(draft_checkpoint, config) if weight_format == "int4" else None
     model_dir = out / FOLDER / "model"
     export_openvino(draft_checkpoint.path, model_dir, weight_format, draft_checkpoint.config, calibration)
-    fused = fuse_ir(model_dir / "openvino_model.xml")["groups"] if fuses_qkv(config.precision, config.fuse_qkv) else 0
+    fused = fuse_ir(model_dir / "openvino_model.xml")["groups"] if fuse else 0
     return {
         "folder": FOLDER,
         "source": {"path": str(draft_checkpoint.path.resolve()), "sha256": draft_checkpoint.sha256()},

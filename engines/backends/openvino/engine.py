@@ -113,7 +113,9 @@ class CpuBackend(Backend):
         if config.draft is not None:
             from compactlm.engines.backends.openvino.draft import build_draft, check_draft_checkpoint
 
-            info["draft"] = build_draft(check_draft_checkpoint(checkpoint.config, config), out, weight_format, config)
+            draft = check_draft_checkpoint(checkpoint.config, config)
+            texts = calibration_texts(draft, config) if weight_format == "int4" else None
+            info["draft"] = build_draft(draft, out, weight_format, config, texts, fuse)
         return info
 
     load_options = ("recycle", "recycle_above_mb", "draft", "draft_tokens")

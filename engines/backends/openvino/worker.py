@@ -173,12 +173,13 @@ class WorkerStepper:
         self._deadline = time.monotonic() + timeout
         self._timeout = timeout
         self.ready_rss = self.rss = 0
+        self._ready = False
         if wait:
             self.ready(timeout)
 
     def ready(self, timeout: float = 0) -> bool:
         """Whether the worker has loaded the engine (waiting up to `timeout` s); a failed or late load raises."""
-        if self.ready_rss:
+        if self._ready:
             return True
         if not self._conn.poll(max(0.0, min(timeout, self._deadline - time.monotonic()))):
             if time.monotonic() < self._deadline:
@@ -190,6 +191,7 @@ class WorkerStepper:
             self.close()
             raise CompactLMError(f"OpenVINO could not load the engine in its worker process: {value}")
         self.ready_rss = self.rss = int(value)
+        self._ready = True
         return True
 
     @property
