@@ -69,7 +69,7 @@ def main() -> None:
     tokens: dict[tuple[str, int], list[list[int]]] = {}
     accept: dict[tuple[str, int], float] = {}
     rates: dict[tuple[str, int], list[float]] = {}
-    for name, engine in engines.items():  # warm-up
+    for engine in engines.values():  # warm-up
         engine.generate(prompts[:1], 8, ignore_eos=True)
     for repeat in range(args.repeats):
         for batch in batches:
