@@ -59,6 +59,9 @@ class ServeConfig:
     recycle: bool = True
     """The cpu engine's pipeline runs in a worker process that is replaced when idle after it has grown past its
     bound (model + KV cache + 256 MB): OpenVINO GenAI's pipeline keeps memory for every request it served."""
+    draft_tokens: int | None = None
+    """cpu engines built with a draft (`engines build --draft`): tokens it proposes per step; 0 serves the model
+    alone; None: as built."""
 
     def __post_init__(self):
         ports = [self.http_port, self.grpc_port, self.metrics_port] + (
@@ -81,6 +84,10 @@ class ServeConfig:
             raise CompactLMError(f"max_queue must be at least 1, got {self.max_queue}")
         if not self.body_timeout_s > 0:
             raise CompactLMError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
+        if self.draft_tokens not in (None, 0):
+            from compactlm.engines.config import check_draft_tokens
+
+            check_draft_tokens(self.draft_tokens)
 
 
 def python_libdir() -> str:
@@ -145,7 +152,7 @@ class Server:
 
         cfg = self.config
         Triton, TritonConfig = _import_pytriton() if cfg.triton else (None, None)
-        self.engine = load_engine(self.engine_dir, recycle=cfg.recycle)
+        self.engine = load_engine(self.engine_dir, recycle=cfg.recycle, draft_tokens=cfg.draft_tokens)
         limit = self.engine.limits.max_batch_size
         if cfg.max_batch_size is not None and cfg.max_batch_size > limit:
             raise CompactLMError(

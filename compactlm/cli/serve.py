@@ -78,6 +78,12 @@ def start(
             "own process)."
         ),
     ] = True,
+    draft_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="cpu engines built with --draft: tokens the draft proposes per step (0: the model alone) [as built]."
+        ),
+    ] = None,
 ) -> None:
     """Serve ENGINE on a real Triton server until Ctrl-C or SIGTERM: models `compactlm` (streaming) and
     `compactlm_full` (whole completion, dynamic batching), plus an OpenAI-compatible API (/v1/completions,
@@ -99,11 +105,12 @@ def start(
         max_queue=max_queue,
         body_timeout_s=body_timeout,
         recycle=recycle,
+        draft_tokens=draft_tokens,
     )
 
     def ready(server) -> None:
         manifest = server.engine.manifest
-        console.print(f"[green]serving[/] {engine} ({manifest.describe()})", highlight=False)
+        console.print(f"[green]serving[/] {engine} ({manifest.describe()})", highlight=False, soft_wrap=True)
         for name, url in server.endpoints().items():
             console.print(f"  {name:12s} {url}", highlight=False)
         where = f"tritonserver log: {server.log_file}; " if server.log_file else ""

@@ -168,6 +168,7 @@ CASES = {  # command lines, split on spaces; {work}, {teacher}, ... are the fixt
     "dataset: zero requests": "bench dataset {work}/set.jsonl --requests 0 --vocab-size 100",
     # serving
     "serve: no such engine": "serve {work}/nope",
+    "serve: draft tokens 99": "serve {work}/nope --draft-tokens 99",
     "serve: not an engine": "serve {work}/not-an-engine",
     "triton-repo: not an engine": "serve triton-repo {work}/not-an-engine {work}/repo",
 }

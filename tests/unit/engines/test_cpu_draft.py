@@ -11,6 +11,7 @@ from compactlm.core.errors import CompactLMError
 from compactlm.engines import BuildConfig, Limits, build_engine, load_engine
 from compactlm.engines.backends.openvino.export import is_ready
 from compactlm.engines.manifest import read_manifest
+from compactlm.serve.server import ServeConfig
 from tests.helpers import cli, hf_greedy, random_tokens, tiny_model
 
 pytestmark = pytest.mark.skipif(not is_ready(), reason="the OpenVINO exporter venv is not set up")
@@ -106,6 +107,9 @@ def test_bad_drafts_are_refused_before_any_work(models, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
     with pytest.raises(CompactLMError, match="has no draft model"):
         load_engine(models["plain"], draft_tokens=2)
+    with pytest.raises(CompactLMError, match="draft tokens must be"):  # `compactlm serve --draft-tokens 99`
+        ServeConfig(draft_tokens=99)
+    assert ServeConfig(draft_tokens=0).draft_tokens == 0
     torch_engine = build_engine(root / "teacher", tmp_path / "torch", BuildConfig(backend="torch", limits=LIMITS))
     with pytest.raises(CompactLMError, match="must be a cpu engine"):
         load_engine(models["plain"], draft=torch_engine)
