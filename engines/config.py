@@ -68,6 +68,8 @@ class Limits:
 
 
 MAX_DRAFT_TOKENS = 16
+DEFAULT_DRAFT_TOKENS = 3
+"""Tokens a draft proposes per step unless told: the best of 2/3/4 on SmolLM2's students (bench/perf/spec_decode)."""
 
 
 def check_draft_tokens(value) -> None:
@@ -96,7 +98,7 @@ class BuildConfig:
     draft: str | None = None
     """cpu: a checkpoint (path or bundled name) of a smaller model with the same vocabulary, built beside the engine
     as its speculative-decoding draft (OpenVINO GenAI proposes `draft_tokens` tokens with it, the model verifies)."""
-    draft_tokens: int = 3
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
     """Tokens the draft proposes per step (OpenVINO GenAI's num_assistant_tokens)."""
     fuse_qkv: bool | None = None
     """cpu: one q/k/v matmul per layer instead of three (exact). None: where it measured faster (int8/int4

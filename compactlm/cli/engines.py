@@ -60,7 +60,7 @@ def build(
             "its speculative-decoding draft."
         ),
     ] = None,
-    draft_tokens: Annotated[int, typer.Option(help="cpu: tokens the draft proposes per step.")] = 3,
+    draft_tokens: Annotated[int | None, typer.Option(help="cpu: tokens the draft proposes per step [3].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Compile CHECKPOINT into an engine folder OUT, with engine.json beside the engine files."""
@@ -91,7 +91,7 @@ def build(
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
         draft=draft,
-        draft_tokens=draft_tokens,
+        **({"draft_tokens": draft_tokens} if draft_tokens is not None else {}),
         **({"bench_shapes": shapes, "bench_batches": batches} if backend == "trtllm" else {}),
     )
     start = time.perf_counter()

@@ -36,7 +36,6 @@ class Draft:
     """Its runtime properties (precision hints), as its own engine was built with."""
     tokens: int
     """Tokens it proposes per step."""
-    source: str
 
 
 def _same_vocabulary(target_vocab, draft_vocab, what: str) -> None:
@@ -84,7 +83,7 @@ def resolve_draft(
 ) -> Draft | None:
     """The draft an engine runs with: `draft` (another cpu engine folder) if given, else the one built into the
     folder; `tokens=0` runs without one."""
-    from compactlm.engines.config import check_draft_tokens
+    from compactlm.engines.config import DEFAULT_DRAFT_TOKENS, check_draft_tokens
 
     if tokens == 0:
         return None
@@ -99,14 +98,10 @@ def resolve_draft(
             raise CompactLMError(f"a draft must be a cpu engine folder; {draft} is a {other.backend} engine")
         _same_vocabulary(manifest.model.get("vocab_size"), other.model.get("vocab_size"), str(draft))
         props = other.backend_info.get("properties", {})
-        return Draft(str(Path(draft) / "model"), dict(props), tokens or 3, str(draft))
+        return Draft(str(Path(draft) / "model"), dict(props), tokens or DEFAULT_DRAFT_TOKENS)
     if built:
-        return Draft(
-            str(path / built["folder"] / "model"),
-            dict(properties),
-            tokens or int(built["num_assistant_tokens"]),
-            built["source"]["path"],
-        )
+        model_dir = str(path / built["folder"] / "model")
+        return Draft(model_dir, dict(properties), tokens or int(built["num_assistant_tokens"]))
     if tokens is not None:
         raise CompactLMError(f"{path} has no draft model: build it with --draft, or name a draft engine folder")
     return None
