@@ -170,8 +170,7 @@ def main() -> None:
             "run_tflop": {str(b): flops[b] / 1e12 for b in batches},
             "llama_cpp_version": llama_cpp.VERSION,
             "llama_cpp": {
-                fmt: {"gguf": str(r.model), "repack": r.repack, "system_info": r.system_info}
-                for fmt, r in runners.items()
+                fmt: {"gguf": str(r.model), "repack": r.repack, "kernels": r.kernels} for fmt, r in runners.items()
             },
             "engines": {label: e.manifest.to_dict() for label, e in engines.items()},
             "cells": rows,

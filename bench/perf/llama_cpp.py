@@ -115,7 +115,7 @@ class Runner:
     model: Path
     threads: int
     repack: bool = True
-    system_info: str = ""
+    kernels: str = ""
 
     def command(self, batch: int, isl: int, decode: int) -> list[str]:
         cmd = [str(tools() / "llama-batched-bench"), "-m", str(self.model), "-t", str(self.threads)]
@@ -138,19 +138,31 @@ class Runner:
 
     def probe(self) -> Runner:
         """A short run; where the repacked kernels die with SIGILL (seen on VMs that list AMX but do not allow it),
-        the runner without them. Records llama.cpp's system_info line (the kernels it was built with)."""
-        runner = self
+        the runner without them. Records which kernels it used: the CPU features the build dispatches on and the
+        weight buffers the model was loaded into (CPU_REPACK / AMX buffers are the repacked or AMX kernels)."""
         for repack in (True, False):
             runner = Runner(self.model, self.threads, repack)
-            done = subprocess.run(runner.command(1, 8, 2), capture_output=True, text=True, check=False)
+            done = subprocess.run([*runner.command(1, 8, 2), "-v"], capture_output=True, text=True, check=False)
             if done.returncode == -signal.SIGILL and repack:
                 print(f"llama.cpp: repacked kernels fault here (SIGILL); using --no-repack for {self.model.name}")
                 continue
             if done.returncode:
                 raise RuntimeError(f"llama-batched-bench exited {done.returncode}: {done.stderr[-2000:]}")
-            info = next((ln for ln in done.stderr.splitlines() if "system_info" in ln), "").strip()
+            buffers = [ln.split("load_tensors:")[-1].strip() for ln in done.stderr.splitlines() if "model buffer" in ln]
+            info = f"{cpu_features()}; weights in: {', '.join(buffers) or 'unknown'}"
             return Runner(self.model, self.threads, repack, info)
         raise AssertionError("unreachable")
+
+
+FEATURES = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8", "llamafile")
+
+
+def cpu_features() -> str:
+    """The CPU features llama.cpp's build found and dispatches on (ggml_cpu_has_*, read from its library)."""
+    import ctypes
+
+    library = ctypes.CDLL(str(tools() / "libggml-cpu.so"))
+    return " ".join(f"{name.upper()}={getattr(library, f'ggml_cpu_has_{name}')()}" for name in FEATURES)
 
 
 def available() -> str | None:

@@ -52,7 +52,7 @@ def test_gemm_calibration_reports_every_shape(monkeypatch):
 
 FAKE_BENCH = """#!/bin/sh
 case "$*" in *--no-repack*) ;; *) [ -n "$FAULT" ] && kill -ILL $$ ;; esac
-echo "system_info: n_threads = 2 | CPU : AVX512 = 1 | REPACK = 1 |" >&2
+echo "0.00.288 I load_tensors:   CPU_REPACK model buffer size =   10.00 MiB" >&2
 echo "$*" > "$ARGS_OUT"
 echo '{"pp": 128, "tg": 127, "pl": 8, "t_pp": 0.5, "t_tg": 3.5, "t": 4.0, "speed": 1.0}'
 """
@@ -64,13 +64,15 @@ def fake_llama(tmp_path, monkeypatch):
     bench.write_text(FAKE_BENCH)
     bench.chmod(bench.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(llama_cpp, "tools", lambda: tmp_path)
+    monkeypatch.setattr(llama_cpp, "cpu_features", lambda: "AVX512=1")
     monkeypatch.setenv("ARGS_OUT", str(tmp_path / "args"))
     return tmp_path
 
 
 def test_runner_runs_our_workload_shape_and_reads_its_timing(fake_llama):
     runner = llama_cpp.Runner(fake_llama / "m.gguf", threads=2).probe()
-    assert runner.repack and "AVX512" in runner.system_info
+    assert runner.repack
+    assert runner.kernels == "AVX512=1; weights in: CPU_REPACK model buffer size =   10.00 MiB"
     done = runner.run(8, 128, 128)
     args = (fake_llama / "args").read_text().split()
     value = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("-")}
