@@ -119,7 +119,8 @@ class Runner:
 
     def command(self, batch: int, isl: int, decode: int) -> list[str]:
         cmd = [str(tools() / "llama-batched-bench"), "-m", str(self.model), "-t", str(self.threads)]
-        cmd += ["-tb", str(self.threads), "-c", str(batch * (isl + decode + 1)), "-b", "2048", "-ub", "512"]
+        context = -(-batch * (isl + decode + 1) // 256) * 256  # room for every sequence, in llama.cpp's 256 steps
+        cmd += ["-tb", str(self.threads), "-c", str(context), "-b", "2048", "-ub", "512"]
         cmd += ["-npp", str(isl), "-ntg", str(decode), "-npl", str(batch), "--output-format", "jsonl"]
         return cmd + ([] if self.repack else ["--no-repack"])
 

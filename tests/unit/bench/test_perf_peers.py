@@ -78,7 +78,7 @@ def test_runner_runs_our_workload_shape_and_reads_its_timing(fake_llama):
     value = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("-")}
     # the prompt pass gives the first token, osl - 1 decode steps the rest; own prompts; room for all of them
     assert (value["-npp"], value["-ntg"], value["-npl"], value["-t"]) == ("128", "127", "8", "2")
-    assert int(value["-c"]) >= 8 * 256
+    assert int(value["-c"]) >= 8 * 256 and int(value["-c"]) % 256 == 0
     assert done == llama_cpp.BenchRun(seconds=4.0, prefill_seconds=0.5, output_tokens=8 * 128)
 
 
