@@ -167,6 +167,8 @@ def cpu_features() -> str:
 
 
 def available() -> str | None:
-    """Why llama.cpp cannot be built here, or None."""
+    """Why llama.cpp cannot be built here, or None (also None when it was built before)."""
+    if all((home() / "build" / "bin" / t).is_file() for t in TARGETS):
+        return None
     missing = [tool for tool in ("cmake", "ninja", "c++") if shutil.which(tool) is None]
     return f"llama.cpp needs {', '.join(missing)} to build" if missing else None

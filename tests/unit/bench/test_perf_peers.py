@@ -124,3 +124,13 @@ def test_each_run_is_read_against_its_compute_type():
     }
     assert [read[r] for r in read] == ["f32"] * 5 + ["bf16"] * 4
     assert cpu_peers.peak_for("int8 compactlm", {"f32": {"dtype": "f32"}})["dtype"] == "f32"  # no bf16 units
+
+
+def test_missing_build_tools_are_named_unless_llama_cpp_is_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPACTLM_LLAMA_CPP", str(tmp_path))
+    monkeypatch.setattr(llama_cpp.shutil, "which", lambda tool: None if tool == "ninja" else f"/usr/bin/{tool}")
+    assert llama_cpp.available() == "llama.cpp needs ninja to build"
+    (tmp_path / "build" / "bin").mkdir(parents=True)
+    for tool in llama_cpp.TARGETS:
+        (tmp_path / "build" / "bin" / tool).write_text("")
+    assert llama_cpp.available() is None
