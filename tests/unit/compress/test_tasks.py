@@ -294,7 +294,16 @@ def test_batched_padded_scores_equal_one_row_full_logits():
         assert torch.isclose(batched[r], logprobs[n_prompt - 1 :].mean(), atol=1e-5)
     one = multiple_choice_accuracy(model, tokenizer, examples, batch_size=1)
     four = multiple_choice_accuracy(model, tokenizer, examples, batch_size=4)
-    assert one == four
+    # the same answers; scores equal up to the last bits a batch shape changes in fp32 kernels (AVX2 CPUs: ~1e-8)
+    assert (one.accuracy, one.chance, one.examples, one.predictions) == (
+        four.accuracy,
+        four.chance,
+        four.examples,
+        four.predictions,
+    )
+    assert one.margin == pytest.approx(four.margin, rel=1e-6, abs=1e-7)
+    for a, b in zip(one.loglikelihoods, four.loglikelihoods, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
 
 
 def test_eval_command_adds_task_accuracy_and_a_chance_row(tiny_dir, tmp_path, no_download, monkeypatch):
