@@ -52,11 +52,15 @@ def source() -> Path:
     return tree
 
 
+def built() -> bool:
+    return all((home() / "build" / "bin" / t).is_file() for t in TARGETS)
+
+
 def tools() -> Path:
     """build/bin with llama-batched-bench and llama-quantize, compiled once for this CPU (GGML_NATIVE: the build
-    uses the instruction sets this machine has; tens of minutes on 2 cores)."""
+    uses the instruction sets this machine has; ~15 min on 2 cores)."""
     bin_dir = home() / "build" / "bin"
-    if all((bin_dir / t).is_file() for t in TARGETS):
+    if built():
         return bin_dir
     tree, build, log = source(), home() / "build", home() / "build.log"
     print(f"building llama.cpp {VERSION} ({', '.join(TARGETS)}) in {build}; log: {log}", flush=True)
@@ -168,7 +172,7 @@ def cpu_features() -> str:
 
 def available() -> str | None:
     """Why llama.cpp cannot be built here, or None (also None when it was built before)."""
-    if all((home() / "build" / "bin" / t).is_file() for t in TARGETS):
+    if built():
         return None
     missing = [tool for tool in ("cmake", "ninja", "c++") if shutil.which(tool) is None]
     return f"llama.cpp needs {', '.join(missing)} to build" if missing else None
