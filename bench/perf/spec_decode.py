@@ -21,17 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from compactlm.bench.speculative import acceptance, speedup_bound
 from compactlm.core.host import environment
-
-
-def acceptance(completions, k: int) -> float:
-    """Share of proposed draft tokens the model kept, over the decode steps of `completions`."""
-    accepted = steps = 0
-    for c in completions:
-        decode_steps = len(set(c.token_times)) - 1  # the first token comes from the prefill
-        accepted += len(c.tokens) - 1 - decode_steps
-        steps += decode_steps
-    return accepted / (steps * k) if steps else 0.0
 
 
 def main() -> None:
@@ -115,10 +106,10 @@ def main() -> None:
     for draft in args.drafts:
         name = Path(draft).name
         c = statistics.median(rates[("alone", 1)]) / statistics.median(rates[(f"{name} alone", 1)])
-        bounds[name] = {"step_cost_ratio": round(c, 3), **{f"k={k}": round((k + 1) / (k * c + 1), 3) for k in ks}}
+        bounds[name] = {"step_cost_ratio": round(c, 3), **{f"k={k}": round(speedup_bound(c, k), 3) for k in ks}}
         print(
             f"{name}: a draft step costs {c:.2f} of the model's at batch 1; best speed-up with every token accepted: "
-            + ", ".join(f"k={k} {(k + 1) / (k * c + 1):.2f}x" for k in ks)
+            + ", ".join(f"k={k} {speedup_bound(c, k):.2f}x" for k in ks)
         )
     if args.out:
         report = {

@@ -1,5 +1,6 @@
 """The main job (`compactlm run RECIPE`): teacher -> teacher correction -> one importance pass -> students ->
-distillation (from cached teacher logits) -> evaluation -> engines -> throughput sweep -> report.
+distillation (from cached teacher logits) -> evaluation -> engines -> throughput sweep -> a student as the teacher's
+speculative-decoding draft (when the recipe asks) -> report.
 
 Every stage is fingerprinted (compactlm.core.runs): killed, the job resumes where it stopped (training from its last
 checkpoint); re-run with nothing changed, it does no work twice; change one setting and only the stages that
@@ -92,6 +93,10 @@ def estimates(recipe: JobRecipe, cached_teacher: bool) -> dict[str, float]:
         for precision in r.engines.precisions:
             plan[f"engine/{name}-{precision}"] = 16.0
             plan[f"sweep/{name}-{precision}"] = 7.0 * points
+    if r.draft.enabled:
+        from compactlm.job.draft import STAGE, estimate
+
+        plan[STAGE] = estimate(r)
     return plan
 
 
@@ -185,6 +190,10 @@ def run_job(recipe: JobRecipe, out: Path | None = None) -> Path:
         for precision in recipe.engines.precisions:
             _engine(job, recipe, paths, name, checkpoints[name], precision)
             _sweep(job, recipe, paths, name, precision)
+    if recipe.draft.enabled:
+        from compactlm.job.draft import run_draft
+
+        run_draft(job, recipe, paths, checkpoints)
 
     from compactlm.job.report import write_job_report
 

@@ -163,6 +163,40 @@ class Engines:
 
 
 @dataclass(frozen=True)
+class Draft:
+    """Speculative decoding (compactlm/job/draft.py): the teacher's cpu engine with a student as its draft. Each
+    student's engine is tried; the one whose proposals the teacher keeps most is timed against the teacher alone and
+    built with it into engines/<teacher>-<precision>+draft, ready to serve. `tokens: []` (the default) skips it."""
+
+    tokens: tuple[int, ...] = ()
+    """Draft tokens per step to try; the built engine takes the fastest at the first batch size."""
+    precision: str | None = None
+    """The engine precision it runs on; default the last of engines.precisions."""
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prompts: int = 8
+    """Held-out prompts of the recipe's data the acceptance is measured on, all at once."""
+    repeats: int = 2
+
+    def __post_init__(self):
+        from compactlm.engines.config import check_draft_tokens
+
+        for k in self.tokens:
+            try:
+                check_draft_tokens(k)
+            except CompactLMError as exc:
+                raise CompactLMError(f"draft.tokens: {exc}", key="tokens") from exc
+        if len(set(self.tokens)) != len(self.tokens):
+            raise CompactLMError(f"draft.tokens {list(self.tokens)} names a value twice", key="tokens")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise CompactLMError("draft.batch_sizes: give one or more sizes >= 1", key="batch_sizes")
+        _positive(self, "prompts", "repeats")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+
+@dataclass(frozen=True)
 class Report:
     """Where the report's headline table reads throughput: one shape and one batch size of the sweep."""
 
@@ -187,6 +221,7 @@ class JobRecipe:
     evaluate: Evaluate = field(default_factory=Evaluate)
     engines: Engines = field(default_factory=Engines)
     sweep: Sweep = field(default_factory=Sweep)
+    draft: Draft = field(default_factory=Draft)
     report: Report = field(default_factory=Report)
     budget: str = field(default=BASE_BUDGET, metadata={"config": False})
     source: str = field(default="", metadata={"config": False})
@@ -222,6 +257,8 @@ class JobRecipe:
             raise CompactLMError(
                 "sweep.engines: the job benchmarks the engines it builds; leave `engines` out", key="sweep.engines"
             )
+        if self.draft.enabled:
+            self._check_draft()
         if self.report.shape is not None and tuple(self.report.shape) not in {tuple(s) for s in self.sweep.shapes}:
             raise CompactLMError(
                 f"report.shape {list(self.report.shape)} is not one of sweep.shapes", key="report.shape"
@@ -230,6 +267,25 @@ class JobRecipe:
             raise CompactLMError(
                 f"report.batch_size {self.report.batch_size} is not one of sweep.batch_sizes", key="report.batch_size"
             )
+
+    def _check_draft(self) -> None:
+        if self.engines.backend != "cpu":
+            raise CompactLMError(
+                f"draft: speculative decoding runs on the cpu engine; engines.backend is {self.engines.backend!r} "
+                "(give draft.tokens: [] to skip it)",
+                key="draft.tokens",
+            )
+        if self.draft.precision is not None and self.draft.precision not in self.engines.precisions:
+            raise CompactLMError(
+                f"draft.precision {self.draft.precision!r} is not one of engines.precisions "
+                f"{list(self.engines.precisions)}",
+                key="draft.precision",
+            )
+
+    @property
+    def draft_precision(self) -> str:
+        """The engine precision the draft stage runs on."""
+        return self.draft.precision or self.engines.precisions[-1]
 
     def _check_generated_share(self) -> None:
         """The generated text's share of the longest training read fits in its train split (90% of it, by the

@@ -143,6 +143,9 @@ def _links(out: Path, report: Path, models: list[str], engines: list[str]) -> li
     for engine in engines:
         links.append((f"{engine}: engine manifest", rel(out / "engines" / engine / "engine.json")))
         links.append((f"{engine}: sweep results", rel(out / "sweep" / f"{engine}.parquet")))
+    for drafted in sorted((out / "engines").glob("*+draft")):
+        links.append((f"{drafted.name}: engine manifest (with its draft)", rel(drafted / "engine.json")))
+    links.append(("speculative decoding: every measurement", rel(out / "draft" / "draft.json")))
     links.append(("all sweep rows in one table", "results.parquet"))
     links.append(("all evaluation rows", "eval.csv"))
     links.append(("stage records (config, fingerprint, outputs, time)", rel(out / "stages")))
@@ -182,6 +185,7 @@ def write_job_report(recipe: JobRecipe, out: Path, job: Run, shapes: pd.DataFram
         )
     )
     blocks += _front_blocks(recipe, headline, order, report / "figures" / "front.png")
+    blocks += draft_blocks(out)
     trained = [m for m in order if (out / "models" / m / "compactlm.json").is_file()]
     training = training_table(out, trained)
     if not training.empty:
@@ -237,6 +241,59 @@ def _front_blocks(recipe: JobRecipe, headline: pd.DataFrame, order: list[str], p
     ]
 
 
+def draft_blocks(out: Path) -> list[tuple[str, object]]:
+    """The speculative-decoding section, from the draft stage's results (none when the recipe has no draft)."""
+    from compactlm.bench.speculative import ALONE, DRAFT_ALONE, speedup_bound
+    from compactlm.job.draft import read_results
+
+    result = read_results(out)
+    if result is None:
+        return []
+    teacher, precision, chosen, best = result["teacher"], result["precision"], result["draft"], result["tokens"]
+    speed = pd.DataFrame(result["speed"])
+    batches = list(dict.fromkeys(speed["batch_size"]))
+    rows = []
+    for config, group in speed.groupby("config", sort=False):
+        if config == ALONE:
+            label = f"{teacher} {precision} alone"
+        elif config == DRAFT_ALONE:
+            label = f"{chosen} {precision} alone (the draft's own speed)"
+        else:
+            label = f"{teacher} + {chosen} as draft ({config})" + (" [built]" if config == f"k={best}" else "")
+        row: dict[str, object] = {"engine": label}
+        for batch in batches:
+            hit = group[group["batch_size"] == batch].iloc[0]
+            row[f"tok/s @{batch}"] = hit["tokens_per_s"]
+            row[f"x alone @{batch}"] = f"{hit['speedup']:.2f}x"
+            if config not in (ALONE, DRAFT_ALONE):
+                row[f"kept @{batch}"] = f"{hit['acceptance']:.0%}"
+                row[f"same tokens @{batch}"] = f"{hit['same_tokens']:.0f}/{hit['requests']}"
+        rows.append(row)
+    first = speed[speed["batch_size"] == batches[0]].set_index("config")["tokens_per_s"]
+    cost = first[ALONE] / first[DRAFT_ALONE]
+    trials = pd.DataFrame(result["acceptance"]).rename(
+        columns={"tokens": "k", "acceptance": "kept", "tokens_per_step": "tokens a step", "tokens_per_s": "tok/s"}
+    )
+    bounds = ", ".join(f"k={k} {speedup_bound(cost, k):.2f}x" for k in sorted(set(trials["k"])))
+    return [
+        ("h2", "Speculative decoding: a student as the teacher's draft"),
+        ("table", pd.DataFrame(rows)),
+        (
+            "p",
+            f"Output tokens/s at ISL/OSL {result['isl']}/{result['osl']} (held-out {result['data']} prompts, EOS "
+            f"ignored, median of {result['repeats']} interleaved repeats; @N: N requests at once). The draft proposes "
+            "k tokens a step and the teacher checks them in one pass, keeping the run it agrees with and one token of "
+            "its own; 'kept' is the share of proposals kept, 'same tokens' the requests whose greedy tokens equal the "
+            f"teacher's alone (bf16 compute rounds a k+1-token check differently from one token at a time). {chosen} "
+            f"was chosen as the draft for the highest acceptance over the students (below); the teacher was built "
+            f"with it at k={best}, the fastest at {batches[0]} request(s): engines/{Path(result['engine']).name}, "
+            f"which `compactlm serve` runs as is. A {chosen} step costs {cost:.2f} of the teacher's at "
+            f"{batches[0]} request(s), so no acceptance can give more than {bounds}.",
+        ),
+        ("table", trials),
+    ]
+
+
 def _summary(recipe: JobRecipe, job: Run) -> str:
     ran = sum(r.seconds for r in job.records.values() if not r.reused)
     parts = [f"{recipe.teacher}"]
@@ -253,4 +310,7 @@ def _summary(recipe: JobRecipe, job: Run) -> str:
     )
     parts.append(f"{recipe.engines.backend} engines ({', '.join(recipe.engines.precisions)})")
     parts.append(f"a sweep of {len(recipe.sweep.shapes)} shape(s) x batch sizes {list(recipe.sweep.batch_sizes)}")
+    if recipe.draft.enabled:
+        tried = f"{recipe.draft_precision}, k {list(recipe.draft.tokens)}"
+        parts.append(f"the teacher with each student as its draft ({tried})")
     return " -> ".join(parts) + f". Work done in this run: {ran / 60:.1f} min."

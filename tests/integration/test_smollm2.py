@@ -153,7 +153,7 @@ def test_the_run_command_plans_the_repo_recipe_and_refuses_bad_input_in_one_line
     plan = subprocess.run([compactlm, "run", RECIPE, "--dry-run"], capture_output=True, text=True, cwd=REPO)
     assert plan.returncode == 0, plan.stderr
     shown = plan.stdout + plan.stderr
-    assert "distill/width" in shown and "sweep/depth-int8" in shown and "25 stages" in shown
+    assert "distill/width" in shown and "sweep/depth-int8" in shown and "draft" in shown and "26 stages" in shown
     bad = subprocess.run(
         [compactlm, "run", RECIPE, "--set", "distill.tokenz=1"], capture_output=True, text=True, cwd=REPO
     )
