@@ -389,7 +389,13 @@ def write_documents(
 def _environment_line(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
     parts = []
-    for column, name in (("cpu", "CPU"), ("gpu", "GPU"), ("cpu_count", "cores"), ("git_commit", "commit")):
+    for column, name in (
+        ("cpu", "CPU"),
+        ("cpu_extensions", "CPU extensions"),
+        ("gpu", "GPU"),
+        ("cpu_count", "cores"),
+        ("git_commit", "commit"),
+    ):
         values = sorted({str(v) for v in frame[column].dropna()}) if column in frame else []
         if values:
             parts.append(f"{name}: {', '.join(values)}")

@@ -71,6 +71,17 @@ def cpu_bf16() -> str | None:
     return next((name for name in ("amx_bf16", "avx512_bf16") if name in flags), None)
 
 
+VECTOR_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+"""The CPU flags that decide which kernels the engines can run (and so their speed), in the order reported."""
+
+
+def cpu_extensions() -> str:
+    """The CPU's vector and matrix extensions among VECTOR_EXTENSIONS, e.g. "avx2 avx512f avx512_bf16" ("none"
+    where it has none of them, or no /proc/cpuinfo): the same CPU name covers machines with and without some."""
+    flags = cpu_flags()
+    return " ".join(name for name in VECTOR_EXTENSIONS if name in flags) or "none"
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident memory of a process (Linux /proc; 0 where it cannot be read)."""
     try:
@@ -127,6 +138,7 @@ def environment() -> dict:
     env = {
         "host": host["hostname"],
         "cpu": host["cpu"],
+        "cpu_extensions": cpu_extensions(),
         "cpu_count": host["cpu_count"],
         "gpu": host["gpu"],
         "os": host["os"],

@@ -62,6 +62,56 @@ def test_the_draft_kept_most_on_average_is_chosen():
         choose_draft(table.iloc[:0])
 
 
+def _draft_results(folder: Path, drafted: float) -> Path:
+    """A draft stage's results as draft.json holds them: the teacher alone at 50 tok/s, k=2 at `drafted`."""
+    speed = [
+        {
+            "config": c,
+            "tokens": k,
+            "batch_size": 1,
+            "tokens_per_s": v,
+            "speedup": v / 50,
+            "acceptance": a,
+            "same_tokens": s,
+            "requests": 1,
+        }
+        for c, k, v, a, s in [
+            ("alone", 0, 50.0, None, None),
+            ("k=2", 2, drafted, 0.6, 1),
+            ("draft alone", 0, 100.0, None, None),
+        ]
+    ]
+    result = {
+        "teacher": "teacher",
+        "precision": "int8",
+        "draft": "depth",
+        "tokens": 2,
+        "isl": 8,
+        "osl": 8,
+        "data": "python-docs",
+        "repeats": 1,
+        "engine": str(folder / "engines" / "teacher-int8+draft"),
+        "speed": speed,
+        "acceptance": [
+            {"draft": "depth", "tokens": 2, "acceptance": 0.6, "tokens_per_step": 2.2, "tokens_per_s": drafted}
+        ],
+    }
+    (folder / "draft").mkdir(parents=True)
+    (folder / "draft" / "draft.json").write_text(json.dumps(result))
+    return folder
+
+
+@pytest.mark.parametrize("drafted, says", [(40.0, "the draft does not pay"), (65.0, "runs 1.30x the teacher alone")])
+def test_the_report_says_whether_the_draft_pays(tmp_path, drafted, says):
+    from compactlm.job.report import draft_blocks
+
+    blocks = dict(draft_blocks(_draft_results(tmp_path, drafted)))
+    assert says in blocks["p"]
+    assert "no acceptance can give more than k=2 1.50x" in blocks["p"]  # cost 0.5: (2 + 1) / (2 x 0.5 + 1)
+    assert ("serve engines/teacher-int8" in blocks["p"]) == (drafted < 50)
+    assert draft_blocks(tmp_path / "elsewhere") == []  # no draft stage: no section
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -133,3 +183,4 @@ def test_the_job_picks_a_student_as_draft_times_it_and_builds_a_servable_engine(
     stage = json.loads((out / "stages" / "draft.json").read_text())
     assert stage["outputs"]["draft"] == result["draft"]
     assert json.loads((out / "draft" / "draft.json").read_text()) == result
+    assert "Work done in this run: 0.0 min (every stage's own time: " in (out / "report" / "report.md").read_text()
