@@ -60,6 +60,13 @@ ROWS = {  # group: [(label, changes to BASE)]
         (f"{tokens:,} tokens", {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4, "tokens": tokens})
         for tokens in (24576, 73728)
     ],
+    "recipe": [  # the main job's recipe as it stands, then one change; run against the job's own folder (--run)
+        (
+            f"batch {b} x 256 ({73728 // (b * 256)} steps)" + (", the recipe" if b == 2 else ""),
+            {"precision": "bf16", "lr": 1e-3, "min_lr": 1e-4, "data": "mix", "tokens": 73728, "batch_size": b},
+        )
+        for b in (2, 1)
+    ],
 }
 
 
