@@ -5,7 +5,11 @@
 ISL/OSL 128/128, fresh random prompts, EOS ignored, closed-loop concurrency 1, 8 and 32; every round measures all
 three at every concurrency, interleaved, so that drift on a shared machine hits all alike; the reported figure is
 each point's median over the rounds. Both servers run in their own processes (their engines idle while another
-target is measured); the load generator is `compactlm bench measure` in a third.
+target is measured); the load generator is `compactlm bench measure` in a third. The FastAPI server runs its engine
+in its own process (`--no-recycle`), as the baseline and the in-process target do, so that the difference is the
+front's; `--recycle` serves it the default way, in a recycled worker process (whose own cost bench.perf.cpu_worker
+measures). Each point also records the CPU seconds the server and the load generator spent: on a machine whose
+cores the engine fills, both are taken from it (for the in-process target the "client" is the engine too).
 
     python -m compactlm.bench.perf.openai_front --engine ENGINE_DIR [--rounds 3] [--out docs/bench/openai_front.json]
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import resource
 import signal
 import subprocess
 import sys
@@ -71,6 +76,16 @@ def _cpu_s(proc) -> float:
     return times.user + times.system
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children (the load generator runs as one)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _median(values: list[float] | None) -> float | None:
+    return None if not values else round(sorted(values)[len(values) // 2], 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", type=Path, required=True)
@@ -78,6 +93,9 @@ def main() -> None:
     parser.add_argument("--requests", default="4x", help="Measured requests per point (bench measure --requests).")
     parser.add_argument("--concurrency", default="1,8,32", help="Comma-separated closed-loop concurrencies.")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument(
+        "--recycle", action="store_true", help="Serve the engine in a recycled worker process (serve's default)."
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/openai_front.json"))
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,7 +120,8 @@ def main() -> None:
     logs = [open(args.out.with_suffix(f".{n}.log"), "w") for n in ("fastapi", "baseline")]  # noqa: SIM115
     servers = [
         subprocess.Popen(
-            [str(bin_dir / "compactlm"), "serve", str(args.engine), "--no-triton", "--openai-port", str(new_port)],
+            [str(bin_dir / "compactlm"), "serve", str(args.engine), "--no-triton", "--openai-port", str(new_port)]
+            + ([] if args.recycle else ["--no-recycle"]),
             stdout=logs[0],
             stderr=subprocess.STDOUT,
         ),
@@ -122,6 +141,7 @@ def main() -> None:
 
     cpu = {"fastapi": psutil.Process(servers[0].pid), "http.server": psutil.Process(servers[1].pid)}
     spent: dict[tuple[str, int], list[float]] = {}
+    client_spent: dict[tuple[str, int], list[float]] = {}
     try:
         for port, proc in zip((new_port, old_port), servers, strict=True):
             _wait(port, proc)
@@ -134,8 +154,9 @@ def main() -> None:
                     if spec.startswith("http"):
                         command += ["--tokenizer", str(args.engine / "tokenizer")]
                     print(f"round {round_ + 1}/{args.rounds}: {name} at concurrency {concurrency}", flush=True)
-                    before = _cpu_s(cpu.get(name))
+                    before, client_before = _cpu_s(cpu.get(name)), _children_cpu_s()
                     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                    client_spent.setdefault((name, concurrency), []).append(_children_cpu_s() - client_before)
                     if name in cpu:
                         spent.setdefault((name, concurrency), []).append(_cpu_s(cpu[name]) - before)
     finally:
@@ -171,11 +192,8 @@ def main() -> None:
                     "ttft_ms_p99": round(float(row["ttft_ms_p99"]), 1),
                     "vs_in_process": round(float(row["request_throughput"] / base), 3),
                     "errors": int(row["errors"]),
-                    "server_cpu_s_per_point": (
-                        round(sorted(spent[(name, concurrency)])[len(spent[(name, concurrency)]) // 2], 2)
-                        if (name, concurrency) in spent
-                        else None
-                    ),
+                    "server_cpu_s_per_point": _median(spent.get((name, concurrency))),
+                    "client_cpu_s_per_point": _median(client_spent.get((name, concurrency))),
                 }
             )
     manifest = read_manifest(args.engine)
@@ -187,6 +205,7 @@ def main() -> None:
             "engine_desc": manifest.describe(),
             "workload": {"isl": 128, "osl": 128, "prompts": "random", "ignore_eos": True, "requests": args.requests},
             "rounds": args.rounds,
+            "served_in": "a recycled worker process" if args.recycle else "the server's own process",
             "baseline_ref": args.baseline_ref,
             "host": host_info(),
             "points": summary,
@@ -196,7 +215,8 @@ def main() -> None:
         print(
             f"c={row['concurrency']:>2} {row['target']:12s} {row['req_per_s']:.3f} req/s "
             f"({row['vs_in_process']:.3f}x in-process), TTFT p50 {row['ttft_ms_p50']:.0f} ms p99 "
-            f"{row['ttft_ms_p99']:.0f} ms, {row['errors']} errors, server CPU {row['server_cpu_s_per_point']} s"
+            f"{row['ttft_ms_p99']:.0f} ms, {row['errors']} errors, CPU s: server "
+            f"{row['server_cpu_s_per_point']}, client {row['client_cpu_s_per_point']}"
         )
     print(f"wrote {args.out} and {table}")
 

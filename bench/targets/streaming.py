@@ -6,8 +6,7 @@ import http.client
 import json
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import urlsplit
 
@@ -23,8 +22,11 @@ from compactlm.bench.targets.base import (
     Target,
     failed,
 )
+from compactlm.bench.targets.sse_client import StreamClient, iter_sse
 from compactlm.bench.workload import WorkloadItem
 from compactlm.core.errors import CompactLMError
+
+__all__ = ["OpenAITarget", "TritonHttpTarget", "iter_sse"]
 
 
 class _FuturePending(Pending):
@@ -35,13 +37,14 @@ class _FuturePending(Pending):
         try:
             return self.future.result(timeout)
         except FutureTimeout:
+            self.future.cancel()  # the stream is closed, its server slot freed
             return failed(self.item, self.submitted, f"no end within {timeout} s", self.times)
 
 
 class _RemoteTarget(Target):
-    """A server reached over the network: each request runs in a client thread that reads its stream."""
+    """A server reached over the network: every request's stream is read on the client's one event loop."""
 
-    def __init__(self, name: str, url: str, vocab_size: int | None, tokenizer, timeout: float, workers: int):
+    def __init__(self, name: str, url: str, vocab_size: int | None, tokenizer, timeout: float):
         super().__init__(name)
         self.url = url
         self.vocab_size = vocab_size or (len(tokenizer) if tokenizer is not None else None)
@@ -49,7 +52,8 @@ class _RemoteTarget(Target):
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids = (int(tokenizer.eos_token_id),)
         self.timeout = timeout
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"bench-{self.kind}")
+        parts = urlsplit(url)
+        self._client = StreamClient(f"{parts.scheme}://{parts.netloc}", timeout, name=f"bench-{self.kind}")
 
     @property
     def tokenizer(self):
@@ -59,14 +63,14 @@ class _RemoteTarget(Target):
         submitted = time.perf_counter()
         times: list[float] = []
         try:
-            future = self._pool.submit(self._guarded, item, submitted, times)
-        except RuntimeError as exc:  # the pool was shut down
+            future = self._client.submit(self._guarded(item, submitted, times))
+        except RuntimeError as exc:  # the target was closed
             return Done(failed(item, submitted, str(exc)))
         return _FuturePending(future, item, submitted, times)
 
-    def _guarded(self, item: WorkloadItem, submitted: float, times: list[float]) -> RequestRecord:
+    async def _guarded(self, item: WorkloadItem, submitted: float, times: list[float]) -> RequestRecord:
         try:
-            finish_reason = self._stream(item, times)
+            finish_reason = await self._stream(item, times)
         except Exception as exc:  # a dead server or a broken stream: a failed request, never a failed run
             return failed(item, submitted, f"{type(exc).__name__}: {exc}", times)
         return RequestRecord(
@@ -74,52 +78,14 @@ class _RemoteTarget(Target):
         )
 
     @abstractmethod
-    def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
+    async def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
         """Send one request, append each output token's arrival time to `times`; return the finish reason."""
-
-    def _post(self, path: str, body: dict) -> http.client.HTTPResponse:
-        parts = urlsplit(self.url)
-        conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = conn_type(parts.hostname, parts.port, timeout=self.timeout)
-        conn.request(
-            "POST", path, json.dumps(body), {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        )
-        response = conn.getresponse()
-        if response.status != 200:
-            text = response.read(300).decode("utf-8", "replace").strip()
-            conn.close()
-            raise ConnectionError(f"HTTP {response.status} from {self.url}{path}: {text}")
-        return response
 
     def describe(self) -> dict:
         return {**super().describe(), "model": self.name, "backend": self.kind, "url": self.url}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def iter_sse(lines: Iterable[bytes]) -> Iterator[str]:
-    """The `data` of each server-sent event (multi-line data joined with newlines; comments skipped)."""
-    data: list[str] = []
-    for raw in lines:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
-
-
-def _read_events(response: http.client.HTTPResponse) -> Iterator[str]:
-    try:
-        yield from iter_sse(iter(response.readline, b""))
-    finally:
-        response.close()
+        self._client.close()
 
 
 class OpenAITarget(_RemoteTarget):
@@ -136,7 +102,6 @@ class OpenAITarget(_RemoteTarget):
         vocab_size: int | None = None,
         tokenizer=None,
         timeout: float = 600.0,
-        workers: int = 512,
         name: str | None = None,
     ):
         url = url.rstrip("/")
@@ -146,7 +111,7 @@ class OpenAITarget(_RemoteTarget):
         self._base = path.removesuffix("/v1")
         if self.route == "chat" and tokenizer is None:
             raise CompactLMError("the chat route takes text: give --tokenizer (the served model's tokenizer folder)")
-        super().__init__(name or model or "openai", url, vocab_size, tokenizer, timeout, workers)
+        super().__init__(name or model or "openai", url, vocab_size, tokenizer, timeout)
         self.model = model or self._served_model()
         if name is None:
             self.name = self.model
@@ -167,7 +132,7 @@ class OpenAITarget(_RemoteTarget):
     def describe(self) -> dict:
         return {**super().describe(), "route": self.route}
 
-    def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
+    async def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
         body = {
             "model": self.model,
             "max_tokens": item.output_tokens,
@@ -183,24 +148,29 @@ class OpenAITarget(_RemoteTarget):
             body["max_completion_tokens"] = body.pop("max_tokens")
         else:
             body["prompt"] = list(item.input_ids)
-        finish_reason, usage, done = None, None, False
-        path = "/v1/chat/completions" if self.route == "chat" else "/v1/completions"
-        for data in _read_events(self._post(f"{self._base}{path}", body)):
-            now = time.perf_counter()
+        state = {"finish_reason": None, "usage": None, "done": False}
+
+        def on_event(now: float, data: str) -> None:
+            if state["done"]:
+                return
             if data.strip() == "[DONE]":
-                done = True
-                break
+                state["done"] = True
+                return
             chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(f"server error: {chunk['error']}")
-            usage = chunk.get("usage") or usage
+            state["usage"] = chunk.get("usage") or state["usage"]
             for choice in chunk.get("choices") or ():
                 ids = choice.get("token_ids")
                 if isinstance(ids, list):
                     times.extend([now] * len(ids))
                 elif "delta" not in choice or (choice["delta"] or {}).get("content"):
                     times.append(now)  # a chunk of text: one token until usage says otherwise
-                finish_reason = choice.get("finish_reason") or finish_reason
+                state["finish_reason"] = choice.get("finish_reason") or state["finish_reason"]
+
+        path = "/v1/chat/completions" if self.route == "chat" else "/v1/completions"
+        await self._client.post_events(f"{self._base}{path}", json.dumps(body).encode(), on_event)
+        finish_reason, usage, done = state["finish_reason"], state["usage"], state["done"]
         if not done:
             raise ConnectionError("the stream ended without [DONE]")
         count = (usage or {}).get("completion_tokens")
@@ -223,19 +193,21 @@ class TritonHttpTarget(_RemoteTarget):
         vocab_size: int | None = None,
         tokenizer=None,
         timeout: float = 600.0,
-        workers: int = 512,
         name: str | None = None,
     ):
-        super().__init__(name or model, url.rstrip("/"), vocab_size, tokenizer, timeout, workers)
+        super().__init__(name or model, url.rstrip("/"), vocab_size, tokenizer, timeout)
         self.model = model
 
-    def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
+    async def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
         body = {TRITON_INPUT_IDS: list(item.input_ids), TRITON_MAX_TOKENS: item.output_tokens, TRITON_IGNORE_EOS: True}
-        for data in _read_events(self._post(f"/v2/models/{self.model}/generate_stream", body)):
-            now = time.perf_counter()
+
+        def on_event(now: float, data: str) -> None:
             event = json.loads(data)
             if "error" in event:
                 raise RuntimeError(f"server error: {event['error']}")
             ids = event.get(TRITON_OUTPUT_IDS, [])
             times.extend([now] * (len(ids) if isinstance(ids, list) else 1))
+
+        path = f"/v2/models/{self.model}/generate_stream"
+        await self._client.post_events(path, json.dumps(body).encode(), on_event)
         return None

@@ -16,6 +16,7 @@ from compactlm.bench.metrics import summarize
 from compactlm.bench.results import ResultsFile
 from compactlm.bench.runner import plan, run_benchmark
 from compactlm.bench.targets import OpenAITarget, TritonHttpTarget, iter_sse, open_target
+from compactlm.bench.targets.sse_client import SSEParser
 from compactlm.bench.workload import Workload, WorkloadSpec
 
 
@@ -127,6 +128,47 @@ def work(isl=6, osl=5, n=3):
 def test_iter_sse_reads_events_like_a_browser():
     raw = b': comment\r\ndata: {"a": 1}\r\n\r\ndata: line one\ndata:line two\n\nevent: x\ndata: last'
     assert list(iter_sse(raw.splitlines(keepends=True))) == ['{"a": 1}', "line one\nline two", "last"]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_sse_parser_gives_the_same_events_whatever_the_chunking(size):
+    raw = b'data: {"a": 1}\r\n\r\n: keep-alive\n\ndata: x\r\ndata:y\r\n\r\nid: 3\ndata: z\n\ndata: tail'
+    parser = SSEParser()
+    events = [e for i in range(0, len(raw), size) for e in parser.feed(raw[i : i + size])] + parser.end()
+    assert events == ['{"a": 1}', "x\ny", "z", "tail"]
+
+
+def test_a_refusing_server_is_a_failed_record_with_its_status_and_message():
+    class Refuse(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = b'{"error": {"message": "too many requests in flight"}}'
+            self.send_response(429)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = _Server(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with OpenAITarget(f"http://127.0.0.1:{httpd.server_address[1]}", "m") as target:
+            (record,) = run_load(target, work(n=1), Load("offline")).records
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not record.ok and "HTTP 429" in record.error and "too many requests in flight" in record.error
+
+
+def test_a_request_past_its_timeout_is_a_failed_record_at_once(server):
+    srv = server(ttft=5.0, itl=0.01)
+    with OpenAITarget(srv.url, "m") as target:
+        started = time.perf_counter()
+        record = target.submit(work(n=1)[0]).result(timeout=0.3)
+        assert time.perf_counter() - started < 2
+    assert not record.ok and "no end within 0.3 s" in record.error
 
 
 def test_openai_streams_are_timed_and_counted(server):
