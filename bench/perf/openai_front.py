@@ -5,11 +5,13 @@
 ISL/OSL 128/128, fresh random prompts, EOS ignored, closed-loop concurrency 1, 8 and 32; every round measures all
 three at every concurrency, interleaved, so that drift on a shared machine hits all alike; the reported figure is
 each point's median over the rounds. Both servers run in their own processes (their engines idle while another
-target is measured); the load generator is `compactlm bench measure` in a third. The FastAPI server runs its engine
-in its own process (`--no-recycle`), as the baseline and the in-process target do, so that the difference is the
-front's; `--recycle` serves it the default way, in a recycled worker process (whose own cost bench.perf.cpu_worker
-measures). Each point also records the CPU seconds the server and the load generator spent: on a machine whose
-cores the engine fills, both are taken from it (for the in-process target the "client" is the engine too).
+target is measured); the load generator is `compactlm bench measure` in a third. Both fronts serve the engine the
+way `compactlm serve` does by default, its pipeline in a worker process: OpenVINO GenAI's `step()` holds the GIL
+for the whole step, so a front in the pipeline's own process (`--in-process-engine`, serve's `--no-recycle`) can
+only run between steps. Each point records the CPU seconds the server and the load generator spent (on a machine
+whose cores the engine fills, both are taken from it; for the in-process target the "client" is the engine too),
+and, for the FastAPI front, the engine's own mean time to first token from its /metrics beside the client's: the
+difference is what the front and the connection add to a first token.
 
     python -m compactlm.bench.perf.openai_front --engine ENGINE_DIR [--rounds 3] [--out docs/bench/openai_front.json]
 """
@@ -32,7 +34,7 @@ BASELINE_REF = "39e522e"
 """The last commit whose OpenAI route was the http.server one."""
 
 
-def serve_baseline(engine: Path, port: int, ref: str) -> None:
+def serve_baseline(engine: Path, port: int, ref: str, recycle: bool) -> None:
     """Serve ENGINE with the OpenAI route of commit REF until SIGTERM (this process: the baseline server)."""
     from compactlm.engines.registry import load_engine
     from compactlm.serve.requests import GenerationService
@@ -47,7 +49,7 @@ def serve_baseline(engine: Path, port: int, ref: str) -> None:
     spec.loader.exec_module(module)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with load_engine(engine) as loaded:
+    with load_engine(engine, recycle=recycle) as loaded:
         route = module.OpenAIRoute(GenerationService(loaded, engine.name), "127.0.0.1", port, engine.name)
         route.start()
         print(f"baseline front of {ref} on :{port}", flush=True)
@@ -82,6 +84,22 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _server_ttft(port: int) -> tuple[float, float]:
+    """The FastAPI front's time-to-first-token histogram so far: (sum of seconds, count), from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("time_to_first_token_seconds"):
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+    return total, count
+
+
 def _median(values: list[float] | None) -> float | None:
     return None if not values else round(sorted(values)[len(values) // 2], 2)
 
@@ -94,13 +112,15 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32", help="Comma-separated closed-loop concurrencies.")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument(
-        "--recycle", action="store_true", help="Serve the engine in a recycled worker process (serve's default)."
+        "--in-process-engine",
+        action="store_true",
+        help="Run the pipeline in the servers' own processes (serve --no-recycle) instead of a worker process.",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/openai_front.json"))
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline:
-        serve_baseline(args.engine, args.serve_baseline, args.baseline_ref)
+        serve_baseline(args.engine, args.serve_baseline, args.baseline_ref, recycle=not args.in_process_engine)
         return
 
     import pandas as pd
@@ -121,13 +141,14 @@ def main() -> None:
     servers = [
         subprocess.Popen(
             [str(bin_dir / "compactlm"), "serve", str(args.engine), "--no-triton", "--openai-port", str(new_port)]
-            + ([] if args.recycle else ["--no-recycle"]),
+            + (["--no-recycle"] if args.in_process_engine else []),
             stdout=logs[0],
             stderr=subprocess.STDOUT,
         ),
         subprocess.Popen(
             [sys.executable, "-m", "compactlm.bench.perf.openai_front", "--engine", str(args.engine)]
-            + ["--serve-baseline", str(old_port), "--baseline-ref", args.baseline_ref],
+            + ["--serve-baseline", str(old_port), "--baseline-ref", args.baseline_ref]
+            + (["--in-process-engine"] if args.in_process_engine else []),
             stdout=logs[1],
             stderr=subprocess.STDOUT,
         ),
@@ -142,6 +163,7 @@ def main() -> None:
     cpu = {"fastapi": psutil.Process(servers[0].pid), "http.server": psutil.Process(servers[1].pid)}
     spent: dict[tuple[str, int], list[float]] = {}
     client_spent: dict[tuple[str, int], list[float]] = {}
+    server_ttft: dict[int, list[float]] = {}  # concurrency -> the FastAPI engine's mean TTFT (s) of each round
     try:
         for port, proc in zip((new_port, old_port), servers, strict=True):
             _wait(port, proc)
@@ -149,13 +171,18 @@ def main() -> None:
             for concurrency in concurrencies:
                 for name, spec in targets.items():
                     command = [str(bin_dir / "compactlm"), "bench", "measure", spec, "--isl", "128", "--osl", "128"]
-                    command += ["--concurrency", str(concurrency), "--requests", args.requests, "--warmup", "4"]
+                    command += ["--concurrency", str(concurrency), "--requests", args.requests]
+                    command += ["--warmup", str(max(4, concurrency))]  # one full batch: its shapes warm
                     command += ["--out", str(table), "--name", name, "--seed", str(round_)]
                     if spec.startswith("http"):
                         command += ["--tokenizer", str(args.engine / "tokenizer")]
                     print(f"round {round_ + 1}/{args.rounds}: {name} at concurrency {concurrency}", flush=True)
                     before, client_before = _cpu_s(cpu.get(name)), _children_cpu_s()
+                    ttft_before = _server_ttft(new_port) if name == "fastapi" else None
                     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                    if ttft_before is not None:  # warm-up requests included: they are a few of the point's
+                        (total, count), (total0, count0) = _server_ttft(new_port), ttft_before
+                        server_ttft.setdefault(concurrency, []).append((total - total0) / max(count - count0, 1))
                     client_spent.setdefault((name, concurrency), []).append(_children_cpu_s() - client_before)
                     if name in cpu:
                         spent.setdefault((name, concurrency), []).append(_cpu_s(cpu[name]) - before)
@@ -171,7 +198,7 @@ def main() -> None:
             log.close()
 
     rows = pd.read_parquet(table)
-    columns = ["request_throughput", "output_throughput", "ttft_ms_p50", "ttft_ms_p99", "errors"]
+    columns = ["request_throughput", "output_throughput", "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p99", "errors"]
     points = rows.groupby(["target", "concurrency"])[columns].median().reset_index()
     spread = rows.groupby(["target", "concurrency"])["request_throughput"].agg(["min", "max"]).reset_index()
     points = points.merge(spread, on=["target", "concurrency"])
@@ -190,6 +217,10 @@ def main() -> None:
                     "out_tok_per_s": round(float(row["output_throughput"]), 1),
                     "ttft_ms_p50": round(float(row["ttft_ms_p50"]), 1),
                     "ttft_ms_p99": round(float(row["ttft_ms_p99"]), 1),
+                    "ttft_ms_mean": round(float(row["ttft_ms_mean"]), 1),
+                    "engine_ttft_ms_mean": (
+                        _median([1e3 * t for t in server_ttft[concurrency]]) if name == "fastapi" else None
+                    ),
                     "vs_in_process": round(float(row["request_throughput"] / base), 3),
                     "errors": int(row["errors"]),
                     "server_cpu_s_per_point": _median(spent.get((name, concurrency))),
@@ -205,7 +236,7 @@ def main() -> None:
             "engine_desc": manifest.describe(),
             "workload": {"isl": 128, "osl": 128, "prompts": "random", "ignore_eos": True, "requests": args.requests},
             "rounds": args.rounds,
-            "served_in": "a recycled worker process" if args.recycle else "the server's own process",
+            "served_in": "the server's own process" if args.in_process_engine else "a worker process (serve's default)",
             "baseline_ref": args.baseline_ref,
             "host": host_info(),
             "points": summary,
@@ -215,7 +246,8 @@ def main() -> None:
         print(
             f"c={row['concurrency']:>2} {row['target']:12s} {row['req_per_s']:.3f} req/s "
             f"({row['vs_in_process']:.3f}x in-process), TTFT p50 {row['ttft_ms_p50']:.0f} ms p99 "
-            f"{row['ttft_ms_p99']:.0f} ms, {row['errors']} errors, CPU s: server "
+            f"{row['ttft_ms_p99']:.0f} ms (mean {row['ttft_ms_mean']:.0f}, engine's {row['engine_ttft_ms_mean']}), "
+            f"{row['errors']} errors, CPU s: server "
             f"{row['server_cpu_s_per_point']}, client {row['client_cpu_s_per_point']}"
         )
     print(f"wrote {args.out} and {table}")

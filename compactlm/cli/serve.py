@@ -75,7 +75,7 @@ def start(
         typer.Option(
             help="cpu engines: run the pipeline in a worker process, replaced once it has grown past model + KV "
             "cache + 256 MB (idle: at once; busy: a new worker takes over beside it) (--no-recycle: in the server's "
-            "own process)."
+            "own process, where the pipeline's step holds the GIL and the fronts answer only between steps)."
         ),
     ] = True,
     draft_tokens: Annotated[
