@@ -3,12 +3,13 @@
 `serve/openai_api.py` as of --baseline-ref, loaded from git so that the baseline is the real one, not a copy).
 
 ISL/OSL 128/128, fresh random prompts, EOS ignored, closed-loop concurrency 1, 8 and 32; every round measures all
-three at every concurrency, interleaved, so that drift on a shared machine hits all alike; the reported figure is
-each point's median over the rounds. Both servers run in their own processes (their engines idle while another
-target is measured); the load generator is `compactlm bench measure` in a third. Both fronts serve the engine the
-way `compactlm serve` does by default, its pipeline in a worker process: OpenVINO GenAI's `step()` holds the GIL
-for the whole step, so a front in the pipeline's own process (`--in-process-engine`, serve's `--no-recycle`) can
-only run between steps. Each point records the CPU seconds the server and the load generator spent (on a machine
+three at every concurrency, interleaved (each round in another order), so that drift on a shared machine hits all
+alike. Reported: each point's median over the rounds, and the median of each round's ratio to the in-process point
+measured beside it (paired, so that slow drift cancels). Both servers run in their own processes (their engines idle
+while another target is measured); the load generator is `compactlm bench measure` in a third. Both fronts serve the
+engine the way `compactlm serve` does by default, its pipeline in a worker process: OpenVINO GenAI's `step()` holds
+the GIL for the whole step, so a front in the pipeline's own process (`--in-process-engine`, serve's `--no-recycle`)
+can only run between steps. Each point records the CPU seconds the server and the load generator spent (on a machine
 whose cores the engine fills, both are taken from it; for the in-process target the "client" is the engine too),
 and, for the FastAPI front, the engine's own mean time to first token from its /metrics beside the client's: the
 difference is what the front and the connection add to a first token.
@@ -22,6 +23,7 @@ import argparse
 import importlib.util
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,12 +166,16 @@ def main() -> None:
     spent: dict[tuple[str, int], list[float]] = {}
     client_spent: dict[tuple[str, int], list[float]] = {}
     server_ttft: dict[int, list[float]] = {}  # concurrency -> the FastAPI engine's mean TTFT (s) of each round
+    measured: dict[tuple[int, int], dict[str, float]] = {}  # (round, concurrency) -> target -> req/s
     try:
         for port, proc in zip((new_port, old_port), servers, strict=True):
             _wait(port, proc)
         for round_ in range(args.rounds):
             for concurrency in concurrencies:
-                for name, spec in targets.items():
+                names = list(targets)
+                shift = round_ % len(names)  # each round starts with another target: no fixed order effect
+                for name in names[shift:] + names[:shift]:
+                    spec = targets[name]
                     command = [str(bin_dir / "compactlm"), "bench", "measure", spec, "--isl", "128", "--osl", "128"]
                     command += ["--concurrency", str(concurrency), "--requests", args.requests]
                     command += ["--warmup", str(max(4, concurrency))]  # one full batch: its shapes warm
@@ -180,6 +186,8 @@ def main() -> None:
                     before, client_before = _cpu_s(cpu.get(name)), _children_cpu_s()
                     ttft_before = _server_ttft(new_port) if name == "fastapi" else None
                     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                    last = pd.read_parquet(table, columns=["request_throughput"]).iloc[-1]
+                    measured.setdefault((round_, concurrency), {})[name] = float(last["request_throughput"])
                     if ttft_before is not None:  # warm-up requests included: they are a few of the point's
                         (total, count), (total0, count0) = _server_ttft(new_port), ttft_before
                         server_ttft.setdefault(concurrency, []).append((total - total0) / max(count - count0, 1))
@@ -208,6 +216,9 @@ def main() -> None:
         base = at.loc["in-process", "request_throughput"]
         for name in targets:
             row = at.loc[name]
+            paired = [  # each round's ratio to the in-process point measured beside it
+                round(m[name] / m["in-process"], 3) for (_, c), m in sorted(measured.items()) if c == concurrency
+            ]
             summary.append(
                 {
                     "target": name,
@@ -222,6 +233,8 @@ def main() -> None:
                         _median([1e3 * t for t in server_ttft[concurrency]]) if name == "fastapi" else None
                     ),
                     "vs_in_process": round(float(row["request_throughput"] / base), 3),
+                    "vs_in_process_by_round": paired,
+                    "vs_in_process_paired_median": round(statistics.median(paired), 3),
                     "errors": int(row["errors"]),
                     "server_cpu_s_per_point": _median(spent.get((name, concurrency))),
                     "client_cpu_s_per_point": _median(client_spent.get((name, concurrency))),
@@ -245,7 +258,8 @@ def main() -> None:
     for row in summary:
         print(
             f"c={row['concurrency']:>2} {row['target']:12s} {row['req_per_s']:.3f} req/s "
-            f"({row['vs_in_process']:.3f}x in-process), TTFT p50 {row['ttft_ms_p50']:.0f} ms p99 "
+            f"({row['vs_in_process']:.3f}x in-process; per round {row['vs_in_process_by_round']}, median "
+            f"{row['vs_in_process_paired_median']:.3f}x), TTFT p50 {row['ttft_ms_p50']:.0f} ms p99 "
             f"{row['ttft_ms_p99']:.0f} ms (mean {row['ttft_ms_mean']:.0f}, engine's {row['engine_ttft_ms_mean']}), "
             f"{row['errors']} errors, CPU s: server "
             f"{row['server_cpu_s_per_point']}, client {row['client_cpu_s_per_point']}"

@@ -1,25 +1,21 @@
 """Export a Hugging Face checkpoint to OpenVINO IR with optimum-intel, in an isolated virtual environment.
 
 optimum-intel 2.2 (the exporter) requires transformers < 5.6 while compactlm runs on transformers 5.23, so the
-exporter lives in its own venv, made once under $COMPACTLM_HOME/venvs and reused; running an exported model needs
-only openvino + openvino-genai, which sit in compactlm's own environment. The venv is built in a temp folder and
-renamed into place, under a file lock, so an interrupted or concurrent setup never leaves a broken one.
+exporter lives in its own venv (core/toolvenv.py), made once under $COMPACTLM_HOME/venvs and reused; running an
+exported model needs only openvino + openvino-genai, which sit in compactlm's own environment.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from compactlm.core import procs
+from compactlm.core import procs, toolvenv
 from compactlm.core.errors import CompactLMError
+from compactlm.core.toolvenv import ToolVenv
 
 REQUIREMENTS = (
     "torch==2.13.0",  # the local CPU wheel; anything newer drags a multi-GB CUDA build
@@ -47,24 +43,18 @@ def venv_dir() -> Path:
     return compactlm_home() / "venvs" / f"openvino-export-{tag}"
 
 
-def _python(venv: Path) -> Path:
-    return venv / "bin" / "python"
+EXPORTER = ToolVenv(
+    "the OpenVINO exporter",
+    installs=(("torch==2.13.0",), REQUIREMENTS),
+    # optimum-intel pulls torchvision, whose PyPI build does not load beside this torch wheel
+    # ("operator torchvision::nms does not exist") and breaks transformers' imports: the export needs none.
+    remove=("torchvision",),
+    check="import optimum.intel, openvino_tokenizers, nncf",
+)
 
 
 def is_ready(venv: Path | None = None) -> bool:
-    venv = venv or venv_dir()
-    return (venv / ".ready").is_file() and _python(venv).exists()
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return toolvenv.is_ready(venv or venv_dir())
 
 
 def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
@@ -77,34 +67,7 @@ def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
 
 def ensure_exporter(quiet: bool = False) -> Path:
     """The exporter venv's python, making the venv first if needed (~1 min, once; needs the package registry)."""
-    venv = venv_dir()
-    if is_ready(venv):
-        return _python(venv)
-    with _locked(venv.parent / f".{venv.name}.lock"):
-        if is_ready(venv):  # made by another process while we waited
-            return _python(venv)
-        if not quiet:
-            from compactlm.core.console import console
-
-            console.print(f"[dim]one-time setup: the OpenVINO exporter's own venv in {venv} (~1 min)[/]")
-        tmp = venv.parent / f".{venv.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _run([sys.executable, "-m", "venv", str(tmp)], "creating the exporter venv")
-            pip = [str(_python(tmp)), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-            _run([*pip, "torch==2.13.0"], "installing torch into the exporter venv")
-            _run([*pip, *REQUIREMENTS], "installing optimum-intel into the exporter venv")
-            # optimum-intel pulls torchvision, whose PyPI build does not load beside this torch wheel
-            # ("operator torchvision::nms does not exist") and breaks transformers' imports: the export needs none.
-            procs.run([str(_python(tmp)), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], capture_output=True)
-            _run([str(_python(tmp)), "-c", "import optimum.intel, openvino_tokenizers, nncf"], "checking the exporter")
-            (tmp / ".ready").write_text("\n".join(REQUIREMENTS) + "\n")
-            shutil.rmtree(venv, ignore_errors=True)
-            tmp.rename(venv)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return _python(venv)
+    return toolvenv.ensure(EXPORTER, venv_dir(), quiet=quiet)
 
 
 def int4_group_size(model_config) -> int:
