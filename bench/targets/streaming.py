@@ -70,16 +70,18 @@ class _RemoteTarget(Target):
 
     async def _guarded(self, item: WorkloadItem, submitted: float, times: list[float]) -> RequestRecord:
         try:
-            finish_reason = await self._stream(item, times)
+            finish_reason, prompt_tokens = await self._stream(item, times)
         except Exception as exc:  # a dead server or a broken stream: a failed request, never a failed run
             return failed(item, submitted, f"{type(exc).__name__}: {exc}", times)
+        input_tokens = prompt_tokens if prompt_tokens is not None else item.input_len
         return RequestRecord(
-            item.task_id, item.input_len, item.output_tokens, submitted, times, finish_reason=finish_reason
+            item.task_id, input_tokens, item.output_tokens, submitted, times, finish_reason=finish_reason
         )
 
     @abstractmethod
-    async def _stream(self, item: WorkloadItem, times: list[float]) -> str | None:
-        """Send one request, append each output token's arrival time to `times`; return the finish reason."""
+    async def _stream(self, item: WorkloadItem, times: list[float]) -> tuple[str | None, int | None]:
+        """Send one request, append each output token's arrival time to `times`; return the finish reason and the
+        prompt's length as the server counted it (None where it does not say: the workload's length stands)."""
 
     def describe(self) -> dict:
         return {**super().describe(), "model": self.name, "backend": self.kind, "url": self.url}
@@ -177,7 +179,9 @@ class OpenAITarget(_RemoteTarget):
         if isinstance(count, int) and times and count != len(times):  # chunks that held several tokens, or none
             del times[count:]
             times.extend([times[-1]] * (count - len(times)))
-        return finish_reason
+        # the prompt the server ran: on the chat route the template's tokens too, counted as GuideLLM counts them
+        prompt_tokens = (usage or {}).get("prompt_tokens")
+        return finish_reason, prompt_tokens if isinstance(prompt_tokens, int) and prompt_tokens > 0 else None
 
 
 class TritonHttpTarget(_RemoteTarget):
@@ -210,4 +214,4 @@ class TritonHttpTarget(_RemoteTarget):
 
         path = f"/v2/models/{self.model}/generate_stream"
         await self._client.post_events(path, json.dumps(body).encode(), on_event)
-        return None
+        return None, None

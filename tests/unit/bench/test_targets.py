@@ -27,11 +27,12 @@ class _Server(ThreadingHTTPServer):
 
 class FakeServer:
     """Streams `max_tokens` tokens per request: the first `ttft` s after the request, then one every `itl` s.
-    Speaks OpenAI `/v1/completions` and Triton `generate_stream`; `die_after`: the request after that many kills it."""
+    Speaks OpenAI `/v1/completions` and Triton `generate_stream`; `die_after`: the request after that many kills it;
+    `template`: tokens the server adds to each prompt (as a chat template does), reported in usage.prompt_tokens."""
 
-    def __init__(self, ttft=0.01, itl=0.005, die_after=None, token_ids=True, per_chunk=1):
+    def __init__(self, ttft=0.01, itl=0.005, die_after=None, token_ids=True, per_chunk=1, template=None):
         self.ttft, self.itl, self.die_after = ttft, itl, die_after
-        self.token_ids, self.per_chunk = token_ids, per_chunk
+        self.token_ids, self.per_chunk, self.template = token_ids, per_chunk, template
         self.bodies: list[dict] = []
         self.sent: dict[tuple, list[float]] = {}
         """When each token's event was written, per prompt (the same perf_counter clock as the client's)."""
@@ -92,9 +93,10 @@ class FakeServer:
                     server.sent.setdefault(prompt, []).extend([time.perf_counter()] * len(ids))  # then send
                     self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
                 if openai:
-                    self.wfile.write(
-                        f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': n}})}\n\n".encode()
-                    )
+                    usage = {"completion_tokens": n}
+                    if server.template is not None:
+                        usage["prompt_tokens"] = len(prompt) + server.template
+                    self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
                     self.wfile.write(b"data: [DONE]\n\n")
 
             def _send(self, obj, kind):
@@ -195,6 +197,17 @@ def test_openai_chunks_without_token_ids_are_counted_by_usage(server):
         records = run_load(target, work(osl=5, n=2), Load("offline")).records
     assert [r.output_tokens for r in records] == [5, 5] and all(r.ok for r in records)
     assert records[0].itl.count(0.0) >= 2  # the second token of each chunk arrived with the first
+
+
+def test_the_prompt_is_counted_as_the_server_ran_it(server):
+    """A chat template's tokens count as input, as usage.prompt_tokens says (GuideLLM and vLLM's bench count so);
+    a server that does not say leaves the workload's length."""
+    for template, expected in ((30, 36), (None, 6)):
+        srv = server(ttft=0.001, itl=0.001, template=template)
+        with OpenAITarget(srv.url, "m") as target:
+            records = run_load(target, work(isl=6, n=2), Load("offline")).records
+        assert [r.input_tokens for r in records] == [expected, expected]
+        assert summarize(records)["input_tokens_mean"] == expected
 
 
 def test_triton_http_generate_stream(server):
