@@ -272,3 +272,21 @@ def test_both_engines_sample_by_seed_stop_on_ids_hold_min_tokens_and_give_logpro
             engine.submit(Request(prompt, 2, prompt_logprobs=1))
         with pytest.raises(CompactLMError, match="alternatives"):
             engine.submit(Request(prompt, 2, logprobs=2))
+
+
+def test_the_step_budget_benchmark_changes_only_the_budget(tiny, tmp_path):
+    """bench/perf/step_budget.py's engine copies: the scheduler takes the new budget, the tokens stay the same,
+    the source folder is untouched, and a budget below the batch is refused."""
+    from compactlm.bench.perf.step_budget import budget_copy
+
+    before = (tiny["cpu"] / "engine.json").read_text()
+    copy = budget_copy(tiny["cpu"], 16, tmp_path)
+    assert read_manifest(copy).limits == replace(LIMITS, max_num_tokens=16)
+    assert (tiny["cpu"] / "engine.json").read_text() == before
+    prompts = prompts_of(7)[:3]
+    with load_engine(tiny["cpu"]) as stock, load_engine(copy) as small:
+        assert small.scheduler["max_num_batched_tokens"] == 16 and stock.scheduler["max_num_batched_tokens"] == 256
+        want = [c.tokens for c in stock.generate(prompts, 8, ignore_eos=True)]
+        assert [c.tokens for c in small.generate(prompts, 8, ignore_eos=True)] == want  # 24-token prompts, chunked
+    with pytest.raises(SystemExit, match="below the engine's max batch"):
+        budget_copy(tiny["cpu"], 4, tmp_path / "other")
