@@ -39,9 +39,10 @@ def venv_dir() -> Path:
     return compactlm_home() / "venvs" / f"guidellm-{VERSION}"
 
 
-def ensure_guidellm(quiet: bool = False) -> Path:
-    """The `guidellm` executable, making its venv first if needed (~2 min, once; needs the package registry)."""
-    return toolvenv.ensure(GUIDELLM, venv_dir(), quiet=quiet).parent / "guidellm"
+def ensure_guidellm(quiet: bool = False) -> list[str]:
+    """The command that runs GuideLLM (its venv's python -m guidellm), making the venv first if needed (~2 min,
+    once; needs the package registry)."""
+    return [str(toolvenv.ensure(GUIDELLM, venv_dir(), quiet=quiet)), "-m", "guidellm"]
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,12 @@ def run_guidellm(spec: GuideLLMRun, out_dir: Path, cpus: str | None = None, time
 
     `cpus` pins GuideLLM to those CPUs (taskset syntax), so that its own CPU use stays off an engine pinned
     elsewhere."""
-    executable = ensure_guidellm()
+    guidellm = ensure_guidellm()
     out_dir.mkdir(parents=True, exist_ok=True)
     scenario, report, log = out_dir / "scenario.json", out_dir / "guidellm.json", out_dir / "guidellm.txt"
     scenario.write_text(json.dumps(spec.scenario(), indent=1) + "\n")
     report.unlink(missing_ok=True)
-    command = [str(executable), "run", "--scenario", str(scenario), "--disable-console-interactive"]
+    command = [*guidellm, "run", "--scenario", str(scenario), "--disable-console-interactive"]
     command += ["--output", f"kind=json,path={report}"]
     if cpus:
         command = ["taskset", "-c", cpus, *command]

@@ -3,6 +3,8 @@
 Tools whose pins clash with compactlm's (optimum-intel wants an older transformers, GuideLLM wants numpy 2) live in
 their own venvs under $COMPACTLM_HOME/venvs. A venv is built in a temp folder and renamed into place, under a file
 lock, and marked ready only once its check passed, so an interrupted or concurrent setup never leaves a broken one.
+The console scripts pip writes name the temp folder's python in their first line; they are pointed at the final
+folder's once it is renamed (still, prefer `python -m TOOL` with the venv's python).
 """
 
 from __future__ import annotations
@@ -96,7 +98,21 @@ def ensure(tool: ToolVenv, venv: Path, quiet: bool = False) -> Path:
             (tmp / ".ready").write_text("\n".join(tool.requirements) + "\n")
             shutil.rmtree(venv, ignore_errors=True)
             tmp.rename(venv)
+            _repoint_scripts(venv, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return python_of(venv)
+
+
+def _repoint_scripts(venv: Path, built_in: Path) -> None:
+    """Point the scripts in VENV/bin whose first line names BUILT_IN's interpreter at VENV's."""
+    old, new = f"#!{built_in}/".encode(), f"#!{venv}/".encode()
+    for script in (venv / "bin").iterdir():
+        if script.is_symlink() or not script.is_file():
+            continue
+        with open(script, "rb") as handle:
+            head = handle.read(len(old))
+        if head == old:
+            data = script.read_bytes()
+            script.write_bytes(new + data[len(old) :])

@@ -3,6 +3,8 @@ nothing behind (no venv, no temp folder) and says which step failed."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from compactlm.core import toolvenv
@@ -18,8 +20,10 @@ def _package(root):
     wheel = root / "tinytool-0.1-py3-none-any.whl"
     info = "tinytool-0.1.dist-info"
     files = {
-        "tinytool/__init__.py": "ANSWER = 42\n",
+        "tinytool/__init__.py": "ANSWER = 42\n\n\ndef main():\n    print(ANSWER)\n",
+        "tinytool/__main__.py": "from tinytool import main\n\nmain()\n",
         f"{info}/METADATA": "Metadata-Version: 2.1\nName: tinytool\nVersion: 0.1\n",
+        f"{info}/entry_points.txt": "[console_scripts]\ntinytool = tinytool:main\n",
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
@@ -43,6 +47,9 @@ def test_a_tool_venv_is_made_once_and_reused(tmp_path):
     assert toolvenv.ensure(tool, venv, quiet=True) == python
     assert (venv / ".ready").stat().st_mtime_ns == ready  # not rebuilt
     assert [p.name for p in venv.parent.iterdir() if p.name.startswith(".tinytool.tmp")] == []
+    # built in a temp folder and renamed: both the module and pip's console script run from the final folder
+    assert subprocess.run([python, "-m", "tinytool"], capture_output=True, text=True).stdout == "42\n"
+    assert subprocess.run([venv / "bin" / "tinytool"], capture_output=True, text=True).stdout == "42\n"
 
 
 def test_a_failed_check_leaves_no_venv_and_names_the_step(tmp_path):
