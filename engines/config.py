@@ -58,6 +58,17 @@ class Limits:
                 "rebuild with a larger --max-batch-size (or --for-sweep with the sweep file)"
             )
 
+    def with_step_budget(self, tokens: int) -> Limits:
+        """These limits with another step budget (`max_num_tokens`), as a server may set it at load: a smaller one
+        splits prompts that arrive together over more steps (earlier first tokens, smaller steps), a larger one
+        prefills them in fewer. It must hold one decode token of every sequence of a full batch."""
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < self.max_batch_size:
+            raise CompactLMError(
+                f"a step budget must be an integer of at least the engine's max_batch_size ({self.max_batch_size}: "
+                f"one decode token per sequence), got {tokens!r}"
+            )
+        return dataclasses.replace(self, max_num_tokens=tokens)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

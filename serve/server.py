@@ -62,6 +62,9 @@ class ServeConfig:
     draft_tokens: int | None = None
     """cpu engines built with a draft (`engines build --draft`): tokens it proposes per step; 0 serves the model
     alone; None: as built."""
+    max_num_tokens: int | None = None
+    """cpu engines: the step budget (prompt and decode tokens in one step) to serve with instead of the built one;
+    smaller gives earlier first tokens when requests arrive together (README, "Serving"). None: as built."""
 
     def __post_init__(self):
         ports = [self.http_port, self.grpc_port, self.metrics_port] + (
@@ -84,6 +87,10 @@ class ServeConfig:
             raise CompactLMError(f"max_queue must be at least 1, got {self.max_queue}")
         if not self.body_timeout_s > 0:
             raise CompactLMError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
+        if self.max_num_tokens is not None and (
+            not isinstance(self.max_num_tokens, int) or isinstance(self.max_num_tokens, bool) or self.max_num_tokens < 1
+        ):
+            raise CompactLMError(f"max_num_tokens must be a positive integer, got {self.max_num_tokens!r}")
         if self.draft_tokens not in (None, 0):
             from compactlm.engines.config import check_draft_tokens
 
@@ -152,7 +159,18 @@ class Server:
 
         cfg = self.config
         Triton, TritonConfig = _import_pytriton() if cfg.triton else (None, None)
-        self.engine = load_engine(self.engine_dir, recycle=cfg.recycle, draft_tokens=cfg.draft_tokens)
+        if cfg.max_num_tokens is not None:
+            from compactlm.engines.manifest import read_manifest
+            from compactlm.engines.registry import get_backend
+
+            backend = read_manifest(self.engine_dir).backend
+            if "max_num_tokens" not in get_backend(backend).load_options:
+                raise CompactLMError(
+                    f"the {backend} engine's step budget is set when it is built: rebuild with --max-num-tokens"
+                )
+        self.engine = load_engine(
+            self.engine_dir, recycle=cfg.recycle, draft_tokens=cfg.draft_tokens, max_num_tokens=cfg.max_num_tokens
+        )
         limit = self.engine.limits.max_batch_size
         if cfg.max_batch_size is not None and cfg.max_batch_size > limit:
             raise CompactLMError(

@@ -5,8 +5,9 @@ In a closed loop of equal-length requests a whole wave of streams ends in one st
 the wave reaches the engine at once, and with a budget that holds every prompt it is prefilled in one long step:
 every request of the wave waits for all of them. A smaller budget splits the wave's prefill over several steps
 (dynamic split-fuse), which gives earlier first tokens to most of the wave and smaller steps to the running ones, at
-some cost in throughput. This measures both, side by side: each budget is the same engine folder with only its
-manifest's `max_num_tokens` changed (a folder of links beside it), each round loads every budget in a rotated order.
+some cost in throughput. This measures both, side by side: each budget is the same engine loaded with another step
+budget (`load_engine(..., max_num_tokens=N)`, what `compactlm serve --max-num-tokens N` does); each round loads every
+budget in a rotated order.
 
     python -m compactlm.bench.perf.step_budget ENGINE_DIR [--budgets 2048,512,256] [--concurrency 8,32] \\
         [--rounds 3] [--per-stream 4] [--isl 128] [--osl 128] [--out docs/bench/step_budget.json]
@@ -17,30 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from compactlm.core.host import environment
 
 
-def budget_copy(engine: Path, budget: int, root: Path) -> Path:
-    """ENGINE as a folder of links with its manifest's step budget set to BUDGET."""
-    manifest = json.loads((engine / "engine.json").read_text())
-    limits = manifest["limits"]
-    if budget < limits["max_batch_size"]:  # each running sequence's decode token must fit in a step
-        raise SystemExit(f"a budget of {budget} tokens is below the engine's max batch ({limits['max_batch_size']})")
-    limits["max_num_tokens"] = budget
-    out = root / f"budget-{budget}"
-    out.mkdir(parents=True)
-    for entry in engine.iterdir():
-        if entry.name != "engine.json":
-            (out / entry.name).symlink_to(entry.resolve())
-    (out / "engine.json").write_text(json.dumps(manifest, indent=1))
-    return out
-
-
-def measure(engine_dir: Path, concurrencies: list[int], per_stream: int, isl: int, osl: int, seed: int) -> list[dict]:
+def measure(
+    engine_dir: Path, budget: int, concurrencies: list[int], per_stream: int, isl: int, osl: int, seed: int
+) -> list[dict]:
     from compactlm.bench.loadgen import Load, run_load
     from compactlm.bench.metrics import summarize
     from compactlm.bench.targets.engine import EngineTarget
@@ -48,7 +34,7 @@ def measure(engine_dir: Path, concurrencies: list[int], per_stream: int, isl: in
     from compactlm.engines import load_engine
 
     rows = []
-    with load_engine(engine_dir, recycle=True) as engine:
+    with load_engine(engine_dir, recycle=True, max_num_tokens=budget) as engine:
         target = EngineTarget(engine, close_engine=False)
         for c in concurrencies:
             items = Workload(WorkloadSpec(isl, osl, seed=seed + c), vocab_size=target.vocab_size).take(
@@ -92,21 +78,19 @@ def main() -> None:
     if not (engine / "engine.json").is_file():
         raise SystemExit(f"{engine} is not an engine folder (no engine.json)")
     raw: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="step-budget-") as tmp:
-        folders = {b: budget_copy(engine, b, Path(tmp)) for b in budgets}
-        for r in range(args.rounds):
-            order = budgets[r % len(budgets) :] + budgets[: r % len(budgets)]
-            for b in order:
-                started = time.perf_counter()
-                for row in measure(folders[b], concurrencies, args.per_stream, args.isl, args.osl, seed=1000 * r):
-                    raw.append({"round": r + 1, "budget": b, **row})
-                    print(
-                        f"round {r + 1} budget {b:5d} c={row['concurrency']:3d}: {row['request_throughput']:.3f} req/s,"
-                        f" TTFT p50 {row['ttft_ms_p50']:.0f} p99 {row['ttft_ms_p99']:.0f} ms,"
-                        f" ITL p50 {row['itl_ms_p50']:.1f} ms",
-                        flush=True,
-                    )
-                print(f"  ({time.perf_counter() - started:.0f} s with the load)", flush=True)
+    for r in range(args.rounds):
+        order = budgets[r % len(budgets) :] + budgets[: r % len(budgets)]
+        for b in order:
+            started = time.perf_counter()
+            for row in measure(engine, b, concurrencies, args.per_stream, args.isl, args.osl, seed=1000 * r):
+                raw.append({"round": r + 1, "budget": b, **row})
+                print(
+                    f"round {r + 1} budget {b:5d} c={row['concurrency']:3d}: {row['request_throughput']:.3f} req/s,"
+                    f" TTFT p50 {row['ttft_ms_p50']:.0f} p99 {row['ttft_ms_p99']:.0f} ms,"
+                    f" ITL p50 {row['itl_ms_p50']:.1f} ms",
+                    flush=True,
+                )
+            print(f"  ({time.perf_counter() - started:.0f} s with the load)", flush=True)
     points = []
     for c in concurrencies:
         base = {row["round"]: row for row in raw if row["budget"] == budgets[0] and row["concurrency"] == c}

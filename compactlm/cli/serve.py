@@ -84,6 +84,13 @@ def start(
             help="cpu engines built with --draft: tokens the draft proposes per step (0: the model alone) [as built]."
         ),
     ] = None,
+    max_num_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="cpu engines: tokens per engine step to serve with; smaller gives earlier first tokens to requests "
+            "that arrive together (256 for interactive use) [as built]."
+        ),
+    ] = None,
 ) -> None:
     """Serve ENGINE on a real Triton server until Ctrl-C or SIGTERM: models `compactlm` (streaming) and
     `compactlm_full` (whole completion, dynamic batching), plus an OpenAI-compatible API (/v1/completions,
@@ -106,6 +113,7 @@ def start(
         body_timeout_s=body_timeout,
         recycle=recycle,
         draft_tokens=draft_tokens,
+        max_num_tokens=max_num_tokens,
     )
 
     def ready(server) -> None:

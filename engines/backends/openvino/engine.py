@@ -118,7 +118,7 @@ class CpuBackend(Backend):
             info["draft"] = build_draft(draft, out, weight_format, config, texts, fuse)
         return info
 
-    load_options = ("recycle", "recycle_above_mb", "draft", "draft_tokens")
+    load_options = ("recycle", "recycle_above_mb", "draft", "draft_tokens", "max_num_tokens")
 
     def load(
         self,
@@ -128,9 +128,16 @@ class CpuBackend(Backend):
         recycle_above_mb: int | None = None,
         draft: str | Path | None = None,
         draft_tokens: int | None = None,
+        max_num_tokens: int | None = None,
     ):
         return OpenVINOEngine(
-            path, manifest, recycle=recycle, recycle_above_mb=recycle_above_mb, draft=draft, draft_tokens=draft_tokens
+            path,
+            manifest,
+            recycle=recycle,
+            recycle_above_mb=recycle_above_mb,
+            draft=draft,
+            draft_tokens=draft_tokens,
+            max_num_tokens=max_num_tokens,
         )
 
 
@@ -164,10 +171,14 @@ class OpenVINOEngine(Engine):
         recycle_above_mb: int | None = None,
         draft: str | Path | None = None,
         draft_tokens: int | None = None,
+        max_num_tokens: int | None = None,
     ):
+        """`max_num_tokens`: the step budget to run with instead of the one built (`Limits.with_step_budget`)."""
         from compactlm.engines.backends.openvino.draft import resolve_draft
 
         super().__init__(path, manifest)
+        if max_num_tokens is not None:
+            self.limits = self.limits.with_step_budget(max_num_tokens)
         import_genai()
         info = manifest.backend_info
         self.properties = {**info.get("properties", {}), **(properties or {})}

@@ -274,19 +274,16 @@ def test_both_engines_sample_by_seed_stop_on_ids_hold_min_tokens_and_give_logpro
             engine.submit(Request(prompt, 2, logprobs=2))
 
 
-def test_the_step_budget_benchmark_changes_only_the_budget(tiny, tmp_path):
-    """bench/perf/step_budget.py's engine copies: the scheduler takes the new budget, the tokens stay the same,
-    the source folder is untouched, and a budget below the batch is refused."""
-    from compactlm.bench.perf.step_budget import budget_copy
-
-    before = (tiny["cpu"] / "engine.json").read_text()
-    copy = budget_copy(tiny["cpu"], 16, tmp_path)
-    assert read_manifest(copy).limits == replace(LIMITS, max_num_tokens=16)
-    assert (tiny["cpu"] / "engine.json").read_text() == before
-    prompts = prompts_of(7)[:3]
-    with load_engine(tiny["cpu"]) as stock, load_engine(copy) as small:
-        assert small.scheduler["max_num_batched_tokens"] == 16 and stock.scheduler["max_num_batched_tokens"] == 256
+def test_a_step_budget_set_at_load_reaches_the_scheduler_and_keeps_the_tokens(tiny):
+    """`load_engine(..., max_num_tokens=N)` (serve --max-num-tokens, bench/perf/step_budget.py): the pipeline runs
+    with the new budget, prompts longer than it are prefilled in chunks with the same greedy tokens, and a budget
+    below the batch is refused before anything loads."""
+    prompts = prompts_of(7)[:3]  # 8-12 token prompts, three of them: 30 tokens, beyond a budget of 8
+    with load_engine(tiny["cpu"]) as stock, load_engine(tiny["cpu"], max_num_tokens=8, recycle=True) as small:
+        assert stock.scheduler["max_num_batched_tokens"] == 256 and stock.limits == LIMITS
+        assert small.scheduler["max_num_batched_tokens"] == 8 and small.limits == replace(LIMITS, max_num_tokens=8)
         want = [c.tokens for c in stock.generate(prompts, 8, ignore_eos=True)]
-        assert [c.tokens for c in small.generate(prompts, 8, ignore_eos=True)] == want  # 24-token prompts, chunked
-    with pytest.raises(SystemExit, match="below the engine's max batch"):
-        budget_copy(tiny["cpu"], 4, tmp_path / "other")
+        assert [c.tokens for c in small.generate(prompts, 8, ignore_eos=True)] == want
+    for bad in (4, 0, 8.5, True):
+        with pytest.raises(CompactLMError, match="step budget must be an integer of at least"):
+            load_engine(tiny["cpu"], max_num_tokens=bad)

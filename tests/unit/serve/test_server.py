@@ -312,3 +312,18 @@ def test_start_goes_again_once_after_pytritons_handshake_race_and_only_then(monk
     with pytest.raises(RuntimeError, match="some other error"):
         server.start()
     assert len(calls) == 1  # any other failure is not retried
+
+
+def test_a_step_budget_is_refused_where_the_engine_cannot_take_it(engine_dir):
+    """--max-num-tokens is a cpu engine's load option; a torch engine gets a clear error before it loads, and a
+    budget that is not a positive integer is refused by the config."""
+    from compactlm.core.errors import CompactLMError
+    from compactlm.serve.server import ServeConfig, Server
+
+    with pytest.raises(CompactLMError, match="max_num_tokens must be a positive integer"):
+        ServeConfig(triton=False, max_num_tokens=0)
+    server = Server(engine_dir, ServeConfig(triton=False, openai_port=free_ports(1)[0], max_num_tokens=256))
+    with pytest.raises(CompactLMError, match="torch engine's step budget is set when it is built"):
+        server.start()
+    assert server.engine is None
+    assert "--max-num-tokens" in cli("serve", "start", "--help").output
