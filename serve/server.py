@@ -166,7 +166,8 @@ class Server:
             backend = read_manifest(self.engine_dir).backend
             if "max_num_tokens" not in get_backend(backend).load_options:
                 raise CompactLMError(
-                    f"the {backend} engine's step budget is set when it is built: rebuild with --max-num-tokens"
+                    f"--max-num-tokens sets a cpu engine's step budget at load; a {backend} engine takes none at load "
+                    "(a trtllm engine's is set when it is built: engines build --max-num-tokens)"
                 )
         self.engine = load_engine(
             self.engine_dir, recycle=cfg.recycle, draft_tokens=cfg.draft_tokens, max_num_tokens=cfg.max_num_tokens
