@@ -134,6 +134,31 @@ BIGBENCH = sdist.Sdist(
 )
 
 
+BUNDLED = Path(__file__).with_name("bigbench-tasks.tar.xz")
+"""The registered tasks' files as extracted from bigbench-1.0.0.tar.gz (Apache-2.0), shipped with compactlm: PyPI
+stopped listing bigbench 1.0.0 in December 2026, so a fresh machine can no longer download it."""
+
+
+def _unpack_bundled() -> Path:
+    import tarfile
+
+    with tarfile.open(BUNDLED, "r:xz") as archive:
+        files = {}
+        for member in archive.getmembers():
+            name = member.name.removesuffix(".json")
+            if member.isfile() and name in TASKS and "/" not in member.name:
+                files[member.name] = archive.extractfile(member).read()
+    missing = sorted(set(TASKS) - {n.removesuffix(".json") for n in files})
+    if missing:
+        raise CompactLMError(f"{BUNDLED} lacks the task files of {', '.join(missing)}; reinstall compactlm")
+    sdist.write_atomically(tasks_dir(), files)
+    (tasks_dir() / ".compactlm-pulled").write_text(
+        f"{BIGBENCH.spec} ({BIGBENCH.filename}), the copy bundled with compactlm\nlicense: Apache-2.0\n"
+        f"pulled: {time.strftime('%Y-%m-%d')}\n"
+    )
+    return tasks_dir()
+
+
 def pull_tasks(names: Iterable[str] | None = None, sdist_path: str | os.PathLike | None = None) -> Path:
     """Cache the task files once: every registered task is extracted from one download; returns the cache folder.
 
@@ -143,6 +168,8 @@ def pull_tasks(names: Iterable[str] | None = None, sdist_path: str | os.PathLike
     names = resolve_task_names(list(names) if names is not None else ["all"])
     if all(task_file(n).is_file() for n in names):
         return tasks_dir()
+    if sdist_path is None and not os.environ.get(BIGBENCH.env) and BUNDLED.is_file():
+        return _unpack_bundled()
     from compactlm.core.console import download_progress
 
     with download_progress() as progress, tempfile.TemporaryDirectory(prefix="compactlm-bigbench-") as tmp:

@@ -57,6 +57,26 @@ def _numbered_task(n: int) -> dict:
     }
 
 
+SHIPPED = tasks.BUNDLED
+
+
+@pytest.fixture(autouse=True)
+def no_bundled_copy(monkeypatch, tmp_path):
+    """The download path's tests run as on an install without the bundled task files."""
+    monkeypatch.setattr(tasks, "BUNDLED", tmp_path / "no-bundled-copy.tar.xz")
+
+
+def test_the_bundled_copy_fills_the_cache_without_a_download(monkeypatch, no_download):
+    """PyPI no longer lists bigbench 1.0.0: the task files shipped with compactlm fill the cache, all of them, each
+    a task that parses to multiple-choice examples."""
+    monkeypatch.setattr(tasks, "BUNDLED", SHIPPED)
+    folder = pull_tasks(["winowhy"])
+    assert sorted(p.name for p in folder.glob("*.json")) == sorted(f"{n}.json" for n in TASKS)
+    assert "bundled" in (folder / ".compactlm-pulled").read_text()
+    for name in TASKS:
+        assert len(tasks.parse_task(json.loads(task_file(name).read_text()))) >= 40, name
+
+
 @pytest.fixture
 def no_download(monkeypatch):
     """Any attempt to run pip or reach the network fails the test."""
